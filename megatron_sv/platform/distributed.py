@@ -1,0 +1,186 @@
+"""Process-group and Megatron-Core model-parallel initialization for torchrun, Slurm or a
+single process, on GPUs (NCCL) or CPUs (gloo + the CPU adapter)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from megatron_sv.platform.device import select_backend
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True, capture_output=True, text=True,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # Fallback for a plain "host" or "prefix[1-4,7]" list without scontrol.
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.split("]")[0].split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Rank layout from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or Slurm (SLURM_PROCID/
+    SLURM_NTASKS/SLURM_LOCALID); a single process when neither is set."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    port = int(env.get("MASTER_PORT", 29500))
+    return LaunchEnv(rank, world, local, addr, port)
+
+
+def validate_parallel_sizes(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+) -> int:
+    """Check the layout fits the world; return the data-parallel size. Raises ValueError."""
+    for name, v in [
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+        ("expert_model_parallel_size", expert_model_parallel_size),
+        ("context_parallel_size", context_parallel_size),
+    ]:
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    model = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if world_size % model != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor ({tensor_model_parallel_size}) x "
+            f"pipeline ({pipeline_model_parallel_size}) x context ({context_parallel_size}) "
+            f"parallel sizes = {model}"
+        )
+    dp = world_size // model
+    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    expert_model = etp * expert_model_parallel_size * pipeline_model_parallel_size
+    if world_size % expert_model != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert tensor ({etp}) x expert "
+            f"({expert_model_parallel_size}) x pipeline ({pipeline_model_parallel_size}) "
+            f"parallel sizes = {expert_model}"
+        )
+    return dp
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    timeout_minutes: float = 10.0,
+) -> LaunchEnv:
+    """Initialize torch.distributed and Megatron-Core's parallel state.
+
+    Reads the rank layout (torchrun or Slurm), validates the parallel sizes before any
+    communication, binds the CUDA device (GPU) or installs the CPU adapter (CPU), creates the
+    process group and Megatron's model-parallel groups, and seeds the RNG tracker when
+    ``seed`` is given.
+    """
+    from megatron.core import parallel_state
+
+    launch = read_launch_env()
+    validate_parallel_sizes(
+        launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
+        expert_model_parallel_size, context_parallel_size, expert_tensor_parallel_size,
+    )
+    backend, device = select_backend()
+    from megatron_sv.platform import cpu_adapter
+
+    cpu_adapter.install_no_te_fixes()
+    if device == "cuda":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        cpu_adapter.install_cpu_adapter()
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        distributed_timeout_minutes=int(max(1, timeout_minutes)),
+    )
+    if seed is not None:
+        set_seed(seed)
+    return launch
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch and Megatron's RNG tracker (CUDA tracker on GPU, CPU tracker on CPU)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if select_backend()[1] == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from megatron_sv.platform.cpu_adapter import cpu_model_parallel_manual_seed
+
+        cpu_model_parallel_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

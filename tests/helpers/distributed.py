@@ -1,0 +1,137 @@
+"""Run a function on N local processes joined by a gloo process group (test helper).
+
+``run_distributed(fn, world_size=2, args=())`` spawns ``world_size`` processes; rank r runs
+``fn(r, world_size, *args)`` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set (the
+function itself calls initialize_distributed or init_process_group). It returns the list of
+return values by rank, raises ``DistributedTestError`` carrying every failed rank's traceback,
+and kills every rank on timeout. ``fn`` must be importable (module level) and its result
+picklable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(RuntimeError):
+    pass
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, args, env, queue):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    args: Sequence[Any] = (),
+    timeout: float = 240.0,
+    env: Optional[Dict[str, str]] = None,
+) -> List[Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    child_env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(find_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        **(env or {}),
+    }
+    # OMP_NUM_THREADS must be in the environment before the child imports torch
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
+    os.environ["OMP_NUM_THREADS"] = "1"
+    procs = []
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(target=_worker, args=(fn, rank, world_size, tuple(args), child_env, queue))
+            p.start()
+            procs.append(p)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    results: Dict[int, Any] = {}
+    failures: Dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    first_failure = None
+    try:
+        while len(results) + len(failures) < world_size:
+            if not queue.empty():
+                rank, ok, payload = queue.get()
+                (results if ok else failures)[rank] = payload
+                continue
+            dead = [
+                r for r, p in enumerate(procs)
+                if not p.is_alive() and r not in results and r not in failures
+            ]
+            if dead and queue.empty():
+                time.sleep(0.5)  # let a last message arrive
+                if queue.empty():
+                    for r in dead:
+                        failures[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
+                    if failures:
+                        # a dead rank usually leaves the others blocked in a collective
+                        break
+            if time.monotonic() > deadline:
+                for r in range(world_size):
+                    if r not in results and r not in failures:
+                        failures[r] = f"rank {r} timed out after {timeout:.0f} s"
+                break
+            if failures:
+                first_failure = first_failure or time.monotonic()
+                # give the other ranks a moment to report their own errors, then stop
+                if time.monotonic() > first_failure + 10.0:
+                    break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+
+    if failures:
+        parts = [f"--- rank {r} ---\n{failures[r]}" for r in sorted(failures)]
+        missing = [r for r in range(world_size) if r not in results and r not in failures]
+        if missing:
+            parts.append(f"(ranks {missing} were killed while still running)")
+        raise DistributedTestError(
+            f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(parts)
+        )
+    return [results[r] for r in range(world_size)]
+

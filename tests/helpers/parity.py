@@ -1,0 +1,136 @@
+"""A few optimizer steps of the baseline GPT with Megatron-Core's DDP, optimizer and pipeline
+schedule on fixed synthetic batches; run inside each rank of run_distributed."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+VOCAB = 128
+SEQ = 16
+
+
+def synthetic_tokens(global_batch: int, seq_length: int = SEQ, vocab: int = VOCAB, seed: int = 1234):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (global_batch, seq_length + 1), generator=g)
+
+
+def _loss_func(loss_mask, output_tensor):
+    losses = output_tensor.float()
+    loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum()
+    return loss, {"lm loss": loss.detach()}
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float))
+
+
+def train_steps(
+    parallel: Dict[str, int],
+    config_overrides: Optional[Dict[str, Any]] = None,
+    steps: int = 3,
+    micro_batch_size: int = 2,
+    num_microbatches: int = 1,
+    use_distributed_optimizer: bool = False,
+    seed: int = 42,
+    collect_grads: Optional[Callable[[str], bool]] = None,
+    model_hook: Optional[Callable] = None,
+) -> Dict[str, Any]:
+    """Initialize distributed state with ``parallel`` (tensor/pipeline/expert_model_parallel_size),
+    build the baseline model, train ``steps`` steps and return {"losses": [...], "grads": {...}}.
+
+    Each data-parallel rank reads its contiguous block of the same global batch, so layouts
+    with equal ``micro_batch_size * num_microbatches * dp`` see identical data. ``grads`` holds
+    the main_grad after the first step's finalize_model_grads for parameter names accepted by
+    ``collect_grads``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sv.models.gpt.reference_model import build_reference_gpt, reference_config
+    from megatron_sv.platform import destroy_distributed, initialize_distributed
+
+    initialize_distributed(
+        tensor_model_parallel_size=parallel.get("tp", 1),
+        pipeline_model_parallel_size=parallel.get("pp", 1),
+        expert_model_parallel_size=parallel.get("ep", 1),
+        seed=seed,
+    )
+    try:
+        config = reference_config(
+            tensor_model_parallel_size=parallel.get("tp", 1),
+            pipeline_model_parallel_size=parallel.get("pp", 1),
+            expert_model_parallel_size=parallel.get("ep", 1),
+            **(config_overrides or {}),
+        )
+        model = build_reference_gpt(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        if model_hook is not None:
+            model_hook(model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = model.no_sync
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=1e-2, min_lr=1e-2, weight_decay=0.01, adam_beta1=0.9,
+            adam_beta2=0.95, clip_grad=1.0, bf16=False, fp16=False, params_dtype=torch.float32,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(opt_config, [model])
+        for group in optimizer.param_groups:
+            group["lr"] = opt_config.lr
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        per_rank = micro_batch_size * num_microbatches
+        forward_backward = get_forward_backward_func()
+        losses: List[float] = []
+        grads: Dict[str, torch.Tensor] = {}
+        for step in range(steps):
+            data = synthetic_tokens(per_rank * dp_size, seed=1000 + step)
+            mine = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            batches = [
+                (mine[i:i + micro_batch_size, :-1].contiguous(), mine[i:i + micro_batch_size, 1:].contiguous())
+                for i in range(0, per_rank, micro_batch_size)
+            ]
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            reduced = forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=num_microbatches,
+                seq_length=SEQ,
+                micro_batch_size=micro_batch_size,
+                forward_only=False,
+            )
+            if step == 0 and collect_grads is not None:
+                for name, p in model.module.named_parameters():
+                    if collect_grads(name):
+                        grads[name] = p.main_grad.detach().clone()
+            ok, grad_norm, _ = optimizer.step()
+            assert ok, "optimizer step was skipped"
+            # mean of the micro-batch losses on the last stage, averaged over data-parallel ranks
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                local = torch.stack([r["lm loss"] for r in reduced]).mean()
+                contrib = torch.tensor([local.item(), 1.0], dtype=torch.float64)
+            else:
+                contrib = torch.zeros(2, dtype=torch.float64)
+            if parallel_state.get_tensor_model_parallel_rank() != 0:
+                contrib.zero_()
+            torch.distributed.all_reduce(contrib)
+            losses.append(float(contrib[0] / contrib[1]))
+        return {"losses": losses, "grads": grads, "grad_norm": float(grad_norm)}
+    finally:
+        destroy_distributed()
