@@ -1,0 +1,160 @@
+"""Build a Megatron-Core GPTModel whose norms carry scale vectors per a ``ScaleVectorConfig``.
+
+``GPTShape`` holds the architecture (Megatron-LM flag names in comments), ``ParallelLayout`` the
+parallel sizes; ``transformer_config`` turns both into Megatron's TransformerConfig and
+``build_gpt_model`` assembles the model for this pipeline stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_sv.scale_vectors.config import ScaleVectorConfig
+from megatron_sv.scale_vectors.norms import check_norm_kind
+
+from .sv_layer_specs import LayerOptions, get_sv_block_spec
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    num_layers: int  # --num-layers
+    hidden_size: int  # --hidden-size
+    num_attention_heads: int  # --num-attention-heads
+    vocab_size: int  # padded vocabulary size
+    seq_length: int  # --seq-length
+    ffn_hidden_size: Optional[int] = None  # --ffn-hidden-size (default 4h, or 8h/3 rounded for SwiGLU)
+    num_query_groups: Optional[int] = None  # --num-query-groups (GQA)
+    max_position_embeddings: Optional[int] = None  # --max-position-embeddings
+    normalization: str = "RMSNorm"  # --normalization
+    norm_epsilon: float = 1e-5  # --norm-epsilon
+    swiglu: bool = True  # --swiglu
+    position_embedding_type: str = "rope"  # --position-embedding-type
+    rotary_base: int = 10000  # --rotary-base
+    untie_embeddings_and_output_weights: bool = True  # --untie-embeddings-and-output-weights
+    qk_layernorm: bool = False  # --qk-layernorm
+    post_sublayer_norm: bool = False  # --sv-post-sublayer-norm (Gemma / Peri-LN Output-Norms)
+    init_method_std: float = 0.02  # --init-method-std
+    num_experts: Optional[int] = None  # --num-experts
+    moe_router_topk: int = 2  # --moe-router-topk
+    moe_ffn_hidden_size: Optional[int] = None  # --moe-ffn-hidden-size
+    moe_token_dispatcher_type: str = "allgather"  # --moe-token-dispatcher-type
+    moe_aux_loss_coeff: float = 0.0  # --moe-aux-loss-coeff
+
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int(((8 * self.hidden_size / 3) + 63) // 64 * 64)
+        return 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
+    bf16: bool = False
+
+
+def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(), **extra) -> TransformerConfig:
+    check_norm_kind(shape.normalization)
+    if shape.position_embedding_type not in ("rope", "learned_absolute", "none"):
+        raise ValueError(f"unsupported --position-embedding-type {shape.position_embedding_type!r}")
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ValueError(f"--hidden-size {shape.hidden_size} is not divisible by "
+                         f"--num-attention-heads {shape.num_attention_heads}")
+    groups = shape.num_query_groups or shape.num_attention_heads
+    if shape.num_attention_heads % groups:
+        raise ValueError(f"--num-attention-heads {shape.num_attention_heads} is not divisible by "
+                         f"--num-query-groups {groups}")
+    if layout.sequence_parallel and layout.tensor_model_parallel_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    moe = {}
+    if shape.num_experts:
+        moe = dict(
+            num_moe_experts=shape.num_experts,
+            moe_router_topk=shape.moe_router_topk,
+            moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.resolved_ffn_hidden_size(),
+            moe_token_dispatcher_type=shape.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=shape.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if shape.moe_aux_loss_coeff > 0 else "none",
+            moe_grouped_gemm=False,
+        )
+    dtype = torch.bfloat16 if layout.bf16 else torch.float32
+    cfg = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.resolved_ffn_hidden_size(),
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=groups,
+        kv_channels=shape.hidden_size // shape.num_attention_heads,
+        normalization=shape.normalization,
+        layernorm_epsilon=shape.norm_epsilon,
+        gated_linear_unit=shape.swiglu,
+        activation_func=F.silu if shape.swiglu else F.gelu,
+        bias_activation_fusion=False,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=shape.init_method_std,
+        # Our QK-norm is placed by the spec and reduces its own gradient; keeping Megatron's flag off
+        # stops finalize_model_grads from reducing it a second time by name.
+        qk_layernorm=False,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        bf16=layout.bf16,
+        pipeline_dtype=dtype,
+        # Full weights are initialized on CPU from one generator and then split, so a model has the same
+        # weights at any TP/PP/EP layout (exact cross-layout equivalence, DESIGN.md "Testing").
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **moe,
+    )
+    cfg.update(extra)
+    return TransformerConfig(**cfg)
+
+
+def layer_options(shape: GPTShape, core_attention=None) -> LayerOptions:
+    return LayerOptions(num_layers=shape.num_layers, gated_mlp=shape.swiglu, num_experts=shape.num_experts,
+                        qk_layernorm=shape.qk_layernorm, post_sublayer_norm=shape.post_sublayer_norm,
+                        core_attention=core_attention)
+
+
+def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerConfig,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    core_attention=None) -> GPTModel:
+    """The GPT for this pipeline stage (first/last stage decided from parallel_state when None)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    spec = get_sv_block_spec(sv, layer_options(shape, core_attention))
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings or shape.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+        position_embedding_type=shape.position_embedding_type,
+        rotary_base=shape.rotary_base,
+    )
+    return model

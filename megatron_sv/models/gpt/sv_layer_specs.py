@@ -1,0 +1,143 @@
+"""Megatron-Core layer/block specs that wire the scale-vector method into a GPT (local backend).
+
+The method lives in ``megatron_sv.scale_vectors``; this module only decides which module fills which
+slot of Megatron's TransformerLayer, for a given ``ScaleVectorConfig``:
+
+  input_layernorm / pre_mlp_layernorm   ScaledNorm, with the shared gamma unless vectors are per branch
+  linear_qkv / linear_fc1 (+ experts)   ScaledColumnParallelLinear (HG gamma_b, DP/DNP u_b, DNP N_b)
+  q/k_layernorm                         optional QK-norm (an Output-Norm)
+  linear_proj / linear_fc2              optional post-sub-layer norm (Gemma / Peri-LN Output-Norm)
+  router                                ScaledTopKRouter (its own gamma/u)
+  final norm                            ScaledNorm (Input-Norm of the LM head by default)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_sv.platform.attention import SDPACoreAttention
+from megatron_sv.scale_vectors.config import ScaleVectorConfig
+from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
+from megatron_sv.scale_vectors.norms import ScaledNorm
+from megatron_sv.scale_vectors.router import ScaledTopKRouter
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Architecture options that change which modules the spec places (the usual Megatron flags)."""
+
+    num_layers: int
+    gated_mlp: bool = True  # SwiGLU: linear_fc1 = [gate | up]
+    num_experts: Optional[int] = None
+    qk_layernorm: bool = False
+    post_sublayer_norm: bool = False  # Output-Norms after attention and MLP (Gemma / Peri-LN)
+    core_attention: Optional[type] = None  # SDPA on CPU; a faster kernel may be supplied on GPU
+
+
+def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
+    if sv.has_inner_norms and opts.qk_layernorm:
+        raise ValueError(
+            "placement dual_norm (DNP) already normalizes q and k per head (its inner norm is a QK-norm "
+            "with the scale on the output side); drop --qk-layernorm or choose another placement")
+    if opts.num_layers < 1:
+        raise ValueError("num_layers must be >= 1")
+
+
+def _norm(sv: ScaleVectorConfig, *, has_scale: bool, role: str, input_split: str) -> ModuleSpec:
+    return ModuleSpec(module=ScaledNorm,
+                      params=dict(sv=sv, has_scale=has_scale, role=role, input_split=input_split))
+
+
+def _pre_norm(sv: ScaleVectorConfig) -> ModuleSpec:
+    # With branch-specific vectors each branch reads N(h) through its own gamma_b (folded in the
+    # linear), so the pre-norm itself carries no scale; otherwise it holds the shared gamma.
+    return _norm(sv, has_scale=not sv.branch_specific, role="input", input_split="sequence")
+
+
+def _mlp_submodules(sv: ScaleVectorConfig, opts: LayerOptions, expert: bool) -> MLPSubmodules:
+    fc1 = ModuleSpec(module=ScaledColumnParallelLinear,
+                     params=dict(sv=sv, branch_layout="gated_fc1" if opts.gated_mlp else "fc1"))
+    if opts.post_sublayer_norm and not expert:
+        fc2 = ModuleSpec(module=PostNormRowParallelLinear, params=dict(sv=sv))
+    else:
+        fc2 = RowParallelLinear
+    return MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)
+
+
+class PostNormMoELayer(MoELayer):
+    """MoELayer followed by a post-sub-layer Output-Norm on its combined output."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, *, sv):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        self.post_norm = ScaledNorm(config, config.hidden_size, config.layernorm_epsilon, sv=sv,
+                                    has_scale=True, role="output", input_split="sequence")
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out, bias = super().forward(hidden_states, *args, **kwargs)
+        if bias is not None:
+            out, bias = out + bias, None
+        return self.post_norm(out), bias
+
+
+def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
+    if not opts.num_experts:
+        return ModuleSpec(module=MLP, submodules=_mlp_submodules(sv, opts, expert=False))
+    experts = ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(sv, opts, expert=True))
+    submodules = MoESubmodules(experts=experts, shared_experts=None,
+                               router=partial(ScaledTopKRouter, sv=sv))
+    if opts.post_sublayer_norm:
+        return ModuleSpec(module=PostNormMoELayer, params=dict(sv=sv), submodules=submodules)
+    return ModuleSpec(module=MoELayer, submodules=submodules)
+
+
+def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
+    """The TransformerLayer spec for strategy ``sv``."""
+    _check(sv, opts)
+    qk_norm = (_norm(sv, has_scale=True, role="output", input_split="heads")
+               if opts.qk_layernorm else IdentityOp)
+    linear_proj = (ModuleSpec(module=PostNormRowParallelLinear, params=dict(sv=sv))
+                   if opts.post_sublayer_norm else RowParallelLinear)
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=partial(ScaledColumnParallelLinear, sv=sv, branch_layout="qkv"),
+            core_attention=opts.core_attention or SDPACoreAttention,
+            linear_proj=linear_proj,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=_pre_norm(sv),
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=_pre_norm(sv),
+            mlp=_mlp_spec(sv, opts),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_sv_block_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> TransformerBlockSubmodules:
+    """Block spec: every layer plus our final norm (TransformerBlock would otherwise pick its own)."""
+    layer = get_sv_layer_spec(sv, opts)
+    final_norm = _norm(sv, has_scale=True, role=sv.final_norm_role, input_split="sequence")
+    return TransformerBlockSubmodules(layer_specs=[layer] * opts.num_layers, layer_norm=final_norm)

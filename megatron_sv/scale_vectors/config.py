@@ -1,0 +1,119 @@
+"""The scale-vector method as a set of independent switches, and the paper's named presets.
+
+Every named strategy of PAPER.md is a preset of four switches (``ScaleVectorConfig``); users may start
+from a preset and override single switches (``--sv-*`` flags). Validation happens here, before any model
+is built, so a bad combination fails with a clear message instead of a shape error deep in a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Placement = Literal["input", "dual", "dual_norm"]
+Reparam = Literal["none", "or", "er"]
+WeightDecayPolicy = Literal["megatron", "all", "none", "iwd"]
+Role = Literal["input", "output"]
+
+PLACEMENTS = ("input", "dual", "dual_norm")
+REPARAMS = ("none", "or", "er")
+WEIGHT_DECAY_POLICIES = ("megatron", "all", "none", "iwd")
+ROLES = ("input", "output")
+
+
+@dataclass(frozen=True)
+class ScaleVectorConfig:
+    """One switch per component of the method (PAPER.md, "Our precise definitions").
+
+    learnable: False removes every learnable scale (strategy ``none``): norms compute N(h) only.
+    branch_specific: HG. Each input-side branch (q, k, v, gate, up, router, every expert's gate/up) gets
+        its own input-side vector instead of sharing the norm's gamma.
+    placement: ``input`` (gamma before the linear map only), ``dual`` (DP: also an output-side u_b),
+        ``dual_norm`` (DNP: u_b * N_b(W_b (gamma_b * N(h))) for q, k, gate, up; v and the router use DP).
+    reparam: ``none`` (plain vector), ``or`` (beta * sqrt(n) * alpha/|alpha|), ``er`` (exp-space).
+    weight_decay_policy: which scale vectors get weight decay (``iwd``: Input-Norm vectors only).
+    final_norm_role: the final norm feeds the LM head, so it is an Input-Norm by our definition; one
+        write-up calls it an Output-Norm, hence overridable.
+    """
+
+    learnable: bool = True
+    branch_specific: bool = False
+    placement: Placement = "input"
+    reparam: Reparam = "none"
+    weight_decay_policy: WeightDecayPolicy = "megatron"
+    final_norm_role: Role = "input"
+
+    def __post_init__(self):
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("reparam", self.reparam, REPARAMS)
+        _check_choice("weight_decay_policy", self.weight_decay_policy, WEIGHT_DECAY_POLICIES)
+        _check_choice("final_norm_role", self.final_norm_role, ROLES)
+        if not self.learnable and (
+            self.branch_specific or self.placement != "input" or self.reparam != "none"
+        ):
+            raise ValueError(
+                "scale vectors are disabled (learnable=False, strategy 'none'), so branch-specific "
+                "vectors, dual placement and reparameterization cannot be enabled; pick another strategy"
+            )
+
+    @property
+    def folds_into_weights(self) -> bool:
+        """True when some vector lives in a linear map (branch vectors or output-side u_b)."""
+        return self.learnable and (self.branch_specific or self.placement != "input")
+
+    @property
+    def has_inner_norms(self) -> bool:
+        return self.learnable and self.placement == "dual_norm"
+
+    @property
+    def output_side(self) -> bool:
+        return self.learnable and self.placement in ("dual", "dual_norm")
+
+    def with_overrides(self, **overrides) -> "ScaleVectorConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown scale-vector switch(es): {sorted(unknown)}")
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **clean)
+
+    def describe(self) -> str:
+        if not self.learnable:
+            return "no learnable scale vectors"
+        parts = [
+            "branch-specific" if self.branch_specific else "shared",
+            f"placement={self.placement}",
+            f"reparam={self.reparam}",
+            f"wd={self.weight_decay_policy}",
+        ]
+        return ", ".join(parts)
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"scale-vector {name} must be one of {list(choices)}, got {value!r}")
+
+
+# The paper's strategies (PAPER.md table). `standard` is the Megatron baseline.
+STRATEGIES: dict[str, ScaleVectorConfig] = {
+    "none": ScaleVectorConfig(learnable=False),
+    "standard": ScaleVectorConfig(),
+    "hg": ScaleVectorConfig(branch_specific=True),
+    "dp": ScaleVectorConfig(branch_specific=True, placement="dual"),
+    "dnp": ScaleVectorConfig(branch_specific=True, placement="dual_norm"),
+    "or": ScaleVectorConfig(reparam="or"),
+    "er": ScaleVectorConfig(reparam="er"),
+    "iwd": ScaleVectorConfig(weight_decay_policy="iwd"),
+    "unified": ScaleVectorConfig(
+        branch_specific=True, placement="dual_norm", reparam="or", weight_decay_policy="iwd"
+    ),
+}
+
+
+def strategy_config(name: str, **overrides: Optional[object]) -> ScaleVectorConfig:
+    """The preset called ``name`` with single switches overridden (``None`` means keep the preset)."""
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown --scale-vector-strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    return STRATEGIES[name].with_overrides(**overrides)

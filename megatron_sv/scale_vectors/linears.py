@@ -1,0 +1,199 @@
+"""Linear maps that carry scale vectors, as drop-in Megatron-Core column/row-parallel linears.
+
+``ScaledColumnParallelLinear`` is the input-side map of a norm (linear_qkv, linear_fc1, every expert's
+linear_fc1). Depending on the strategy it owns:
+  * branch input vectors gamma_b (HG), replicated over TP, gradient summed over TP;
+  * branch output vectors u_b (DP/DNP), sharded with the rows they scale;
+  * DNP inner norms N_b: per attention head for q/k, over the whole (TP-sharded) ffn width for gate/up.
+gamma_b and (except under DNP's inner norm) u_b are folded into the weight, so the layer runs one GEMM on
+W_eff = diag(u) W diag(gamma_b) and never copies an activation per branch.
+
+Branch vectors are stored one parameter per branch (q, k, v / gate, up). Each is TP-invariant in its
+global order, so checkpoints reshard along axis 0 exactly like the weight rows they belong to.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Optional, Tuple
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from .config import ScaleVectorConfig
+from .folding import FoldLayout, fold_into_weight, recompute_saved_weight
+from .norms import ScaledNorm, normalize, normalize_across_tp
+from .vector import ScaleVector, VectorSpec
+
+BranchLayout = Literal["qkv", "gated_fc1", "fc1"]
+
+
+class ScaledColumnParallelLinear(ColumnParallelLinear):
+    """ColumnParallelLinear + scale vectors for its branches (see module docstring)."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, sv: ScaleVectorConfig,
+                 branch_layout: BranchLayout, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+        self.sv = sv
+        self.branch_layout = branch_layout
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        self.tp_size = tp
+        rows_local = self.output_size_per_partition
+        if branch_layout == "qkv":
+            ng, nh, hn = config.num_query_groups or config.num_attention_heads, config.num_attention_heads, config.kv_channels
+            if ng % tp != 0:
+                raise ValueError(
+                    f"scale vectors on linear_qkv need num_query_groups ({ng}) divisible by the "
+                    f"tensor-parallel size ({tp})")
+            qpg = nh // ng
+            self.heads_per_group = qpg
+            self.layout = FoldLayout(groups=ng // tp, slots=qpg + 2, rows=hn)
+            self.slot_branch = ["q"] * qpg + ["k", "v"]
+            branch_rows = {"q": nh * hn, "k": ng * hn, "v": ng * hn}
+            inner_norm_branches = ("q", "k")
+        elif branch_layout == "gated_fc1":
+            self.layout = FoldLayout(groups=1, slots=2, rows=rows_local // 2)
+            self.slot_branch = ["gate", "up"]
+            branch_rows = {"gate": output_size // 2, "up": output_size // 2}
+            inner_norm_branches = ("gate", "up")
+        elif branch_layout == "fc1":
+            self.layout = FoldLayout(groups=1, slots=1, rows=rows_local)
+            self.slot_branch = ["fc1"]
+            branch_rows = {"fc1": output_size}
+            inner_norm_branches = ("fc1",)
+        else:
+            raise ValueError(f"unknown branch layout {branch_layout!r}")
+        if self.layout.out_features != rows_local:
+            raise ValueError(f"{branch_layout} layout {self.layout} does not match {rows_local} local rows")
+        self.branches = list(dict.fromkeys(self.slot_branch))
+        self.inner_norm_branches = inner_norm_branches if sv.has_inner_norms else ()
+        self.norm_kind = getattr(config, "normalization", "RMSNorm")
+        self.norm_eps = config.layernorm_epsilon
+        expert_parallel = self.is_expert and self.expert_parallel
+        common = dict(tp_group=self.tp_group, params_dtype=config.params_dtype, expert_parallel=expert_parallel)
+
+        self.input_scales = torch.nn.ModuleDict()
+        if sv.learnable and sv.branch_specific:
+            for b in self.branches:
+                spec = VectorSpec(size=input_size, role="input", reparam=sv.reparam,
+                                  grad_reduction="tp_sum", is_expert=self.is_expert)
+                self.input_scales[b] = ScaleVector(spec, **common)
+        self.output_scales = torch.nn.ModuleDict()
+        if sv.output_side:
+            for b in self.branches:
+                spec = VectorSpec(size=branch_rows[b], role="output", reparam=sv.reparam,
+                                  tp_sharded=True, is_expert=self.is_expert)
+                self.output_scales[b] = ScaleVector(spec, **common)
+        if self.input_scales or self.output_scales:
+            # The GEMM's weight is a folded tensor: fused wgrad accumulation into main_grad cannot apply.
+            self.gradient_accumulation_fusion = False
+
+    # -- folding ----------------------------------------------------------------------------------
+    def _slot_input_scales(self) -> Optional[torch.Tensor]:
+        if not self.input_scales:
+            return None
+        vecs = {b: m() for b, m in self.input_scales.items()}
+        return torch.stack([vecs[b] for b in self.slot_branch])
+
+    def _folded_output_scales(self) -> Optional[torch.Tensor]:
+        """Per-row u for the branches whose u is folded (all under DP; v only under DNP)."""
+        folded = [b for b in self.output_scales if b not in self.inner_norm_branches]
+        if not folded:
+            return None
+        lay = self.layout
+        parts = []
+        for b in self.branches:
+            n_slots = self.slot_branch.count(b)
+            if b in folded:
+                parts.append(self.output_scales[b]().view(lay.groups, n_slots, lay.rows))
+            else:
+                parts.append(torch.ones(lay.groups, n_slots, lay.rows, dtype=self.weight.dtype,
+                                        device=self.weight.device))
+        if self.branch_layout == "qkv":
+            return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def folded_weight(self) -> torch.Tensor:
+        return fold_into_weight(self.weight, self.layout, self._slot_input_scales(),
+                                self._folded_output_scales())
+
+    # -- DNP inner norms --------------------------------------------------------------------------
+    def _inner_norm_and_scale(self, out: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        shape = out.shape
+        y = out.view(*shape[:-1], lay.groups, lay.slots, lay.rows)
+        pieces = []
+        start = 0
+        for b in self.branches:
+            n = self.slot_branch.count(b)
+            part = y[..., start:start + n, :]
+            start += n
+            if b in self.inner_norm_branches:
+                if self.branch_layout == "qkv":  # per attention head over head_dim
+                    part = normalize(part, self.norm_kind, self.norm_eps)
+                else:  # over the whole ffn width, identical at any TP degree
+                    part = normalize_across_tp(part, self.norm_kind, self.norm_eps,
+                                               lay.rows * self.tp_size, self.tp_group)
+                part = part * self.output_scales[b]().view(lay.groups, n, lay.rows).to(part.dtype)
+            pieces.append(part)
+        return torch.cat(pieces, dim=-2).reshape(shape)
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        if weight is not None:
+            raise ValueError("ScaledColumnParallelLinear folds its own weight; do not pass one")
+        if runtime_gather_output:
+            raise ValueError("ScaledColumnParallelLinear returns TP-local outputs")
+        w_eff = self.folded_weight()
+        if w_eff is self.weight:
+            out, bias = super().forward(input_)
+        else:
+            with recompute_saved_weight(w_eff, self._refold):
+                out, bias = super().forward(input_, weight=w_eff)
+        if self.inner_norm_branches:
+            out = self._inner_norm_and_scale(out)
+        return out, bias
+
+    @torch.no_grad()
+    def _refold(self) -> torch.Tensor:
+        return self.folded_weight().detach()
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
+        out = make_sharded_tensors_for_checkpoint(own, prefix, {"weight": 0, "bias": 0}, sharded_offsets,
+                                                  tp_group=self.tp_group, **kwargs)
+        for group_name in ("input_scales", "output_scales"):
+            for b, vec in getattr(self, group_name).items():
+                out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
+        return out
+
+
+class PostNormRowParallelLinear(RowParallelLinear):
+    """RowParallelLinear followed by a post-sub-layer norm (Gemma / Peri-LN): an Output-Norm.
+
+    The norm sees the hidden-complete output of the row-parallel reduction (sequence-sharded under SP,
+    where its scale's gradient is partial and summed over TP).
+    """
+
+    def __init__(self, input_size, output_size, *, config, sv: ScaleVectorConfig, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.post_norm = ScaledNorm(config, output_size, config.layernorm_epsilon, sv=sv, has_scale=True,
+                                    role="output", input_split="sequence", tp_group=self.tp_group)
+
+    def forward(self, input_):
+        out, bias = super().forward(input_)
+        if bias is not None:
+            out, bias = out + bias, None
+        return self.post_norm(out), bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
+        out = make_sharded_tensors_for_checkpoint(own, prefix, {"weight": 1}, sharded_offsets,
+                                                  tp_group=self.tp_group, **kwargs)
+        out.update(self.post_norm.sharded_state_dict(f"{prefix}post_norm.", sharded_offsets, metadata))
+        return out
