@@ -230,16 +230,27 @@ class GPT2BPETokenizer(_TransformersTokenizer):
             "merge_file": merge_file,
         }
         self._files = (vocab_file, merge_file)
+        import inspect
+        import json
+
         from transformers import GPT2TokenizerFast
 
         try:
-            self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file)
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+            if not isinstance(vocab, dict) or not vocab:
+                raise ValueError("vocab.json must be a non-empty JSON object of token -> id")
+            # transformers >= 5 names the arguments vocab/merges; 4.x vocab_file/merges_file
+            if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:
+                self._tok = GPT2TokenizerFast(vocab=vocab_file, merges=merge_file)
+            else:
+                self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file)
         except Exception as e:
             raise ValueError(
                 f"GPT2BPETokenizer: cannot load vocab {vocab_file!r} / merges {merge_file!r}: {e}"
             ) from e
-        eod = self._tok.convert_tokens_to_ids(self.EOD_TOKEN)
-        if eod is None or eod == self._tok.unk_token_id:
+        eod = self._tok.get_vocab().get(self.EOD_TOKEN)
+        if eod is None:
             raise ValueError(f"GPT2BPETokenizer: {vocab_file!r} has no {self.EOD_TOKEN} token")
         self._eod = eod
 
