@@ -94,18 +94,22 @@ def recompute_saved_weight(folded: torch.Tensor, refold):
     ``refold()`` must recompute the same tensor from parameters (which do not change before backward).
     """
     target = folded
+    if not target.is_contiguous():
+        raise ValueError("recompute_saved_weight expects a contiguous folded weight")
+    ptr, numel = target.data_ptr(), target.numel()
 
     def pack(t):
-        # Identity of the Python object is not guaranteed for saved tensors; compare storage.
-        if (t.data_ptr() == target.data_ptr() and t.shape == target.shape
-                and t.stride() == target.stride() and t.dtype == target.dtype):
-            return _Refold(refold)
+        # Autograd may save a view (e.g. the transpose used by the GEMM): match by storage and
+        # remember the view's geometry so the refolded tensor can be viewed the same way.
+        if t.data_ptr() == ptr and t.numel() == numel and t.dtype == target.dtype:
+            return _Refold(refold, t.shape, t.stride())
         return t
 
     def unpack(obj):
         if isinstance(obj, _Refold):
             with torch.no_grad():
-                return obj.refold()
+                fresh = obj.refold()
+            return fresh.as_strided(obj.shape, obj.stride)
         return obj
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -113,7 +117,7 @@ def recompute_saved_weight(folded: torch.Tensor, refold):
 
 
 class _Refold:
-    __slots__ = ("refold",)
+    __slots__ = ("refold", "shape", "stride")
 
-    def __init__(self, refold):
-        self.refold = refold
+    def __init__(self, refold, shape, stride):
+        self.refold, self.shape, self.stride = refold, shape, stride
