@@ -102,6 +102,35 @@ def default_is_built_on_rank() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0 and first_or_last
 
 
+def _builder_class():
+    """Megatron-Core's builder, with one fix for single-process use.
+
+    megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss
+    whenever path_to_cache is set, which raises without a process group. Without one we hand the
+    BlendedDataset a config copy without a cache path: its blending index is recomputed (in C++,
+    milliseconds) instead of cached; the GPT datasets still use the cache directory.
+    """
+    import copy
+
+    import torch
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    class Builder(BlendedMegatronDatasetBuilder):
+        @staticmethod
+        def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+            if cls is BlendedDataset and not torch.distributed.is_initialized():
+                *rest, config = args
+                config = copy.copy(config)
+                config.path_to_cache = None
+                args = (*rest, config)
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                cls, is_built_on_rank, synchronize_ranks, *args
+            )
+
+    return Builder
+
+
 def build_train_valid_test_datasets(
     data_path: Optional[Sequence[str]],
     split: str,
@@ -120,7 +149,6 @@ def build_train_valid_test_datasets(
     """Return (train, valid, test) GPTDataset/BlendedDataset objects (None for empty splits or
     on ranks that do not build). Each sample is a dict with tokens, labels, loss_mask,
     position_ids (and attention_mask), as Megatron-Core's GPTDataset returns it."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     if seq_length <= 0:
@@ -151,7 +179,7 @@ def build_train_valid_test_datasets(
         create_attention_mask=create_attention_mask,
     )
     cls = MockGPTDataset if mock else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(
+    builder = _builder_class()(
         cls,
         list(train_valid_test_num_samples),
         is_built_on_rank or default_is_built_on_rank,
