@@ -26,9 +26,10 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_sv.models.gpt.seeding import SeededTransformerLayer
 from megatron_sv.platform.attention import SDPACoreAttention
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
 from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
@@ -46,6 +47,7 @@ class LayerOptions:
     qk_layernorm: bool = False
     post_sublayer_norm: bool = False  # Output-Norms after attention and MLP (Gemma / Peri-LN)
     core_attention: Optional[type] = None  # SDPA on CPU; a faster kernel may be supplied on GPU
+    init_seed: Optional[int] = None  # layout-independent init (see seeding.py); None: Megatron's order
 
 
 def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
@@ -124,7 +126,8 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
         ),
     )
     return ModuleSpec(
-        module=TransformerLayer,
+        module=TransformerLayer if opts.init_seed is None else SeededTransformerLayer,
+        params={} if opts.init_seed is None else {"init_seed": opts.init_seed},
         submodules=TransformerLayerSubmodules(
             input_layernorm=_pre_norm(sv),
             self_attention=attention,
@@ -136,8 +139,11 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
     )
 
 
-def get_sv_block_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> TransformerBlockSubmodules:
-    """Block spec: every layer plus our final norm (TransformerBlock would otherwise pick its own)."""
+def get_sv_block_spec(sv: ScaleVectorConfig, opts: LayerOptions, config,
+                      vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """Block spec for this pipeline stage: its layers plus our final norm (TransformerBlock would
+    otherwise take the final norm from a module global)."""
     layer = get_sv_layer_spec(sv, opts)
     final_norm = _norm(sv, has_scale=True, role=sv.final_norm_role, input_split="sequence")
-    return TransformerBlockSubmodules(layer_specs=[layer] * opts.num_layers, layer_norm=final_norm)
+    num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_local, layer_norm=final_norm)
