@@ -54,7 +54,7 @@ def main():
 
     def loss_func(output):
         loss = output.float().mean()
-        return loss, {"lm loss": loss.detach()}
+        return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
     def forward_step(data_iterator, model):
         tokens, labels = next(data_iterator)

@@ -11,6 +11,7 @@ picklable.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -40,7 +41,9 @@ def _worker(fn, rank, world_size, args, env, queue):
 
         torch.set_num_threads(1)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # plain pickle copies tensor data; torch's queue pickler would share file descriptors
+        # that die with this process
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -93,7 +96,10 @@ def run_distributed(
         while len(results) + len(failures) < world_size:
             if not queue.empty():
                 rank, ok, payload = queue.get()
-                (results if ok else failures)[rank] = payload
+                if ok:
+                    results[rank] = pickle.loads(payload)
+                else:
+                    failures[rank] = payload
                 continue
             dead = [
                 r for r, p in enumerate(procs)

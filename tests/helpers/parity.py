@@ -3,6 +3,7 @@ schedule on fixed synthetic batches; run inside each rank of run_distributed."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,7 +21,7 @@ def synthetic_tokens(global_batch: int, seq_length: int = SEQ, vocab: int = VOCA
 def _loss_func(loss_mask, output_tensor):
     losses = output_tensor.float()
     loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum()
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
 
 def _forward_step(data_iterator, model):
@@ -40,6 +41,8 @@ def train_steps(
     seed: int = 42,
     collect_grads: Optional[Callable[[str], bool]] = None,
     model_hook: Optional[Callable] = None,
+    save_init_to: Optional[str] = None,
+    load_init_from: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Initialize distributed state with ``parallel`` (tensor/pipeline/expert_model_parallel_size),
     build the baseline model, train ``steps`` steps and return {"losses": [...], "grads": {...}}.
@@ -47,8 +50,11 @@ def train_steps(
     Each data-parallel rank reads its contiguous block of the same global batch, so layouts
     with equal ``micro_batch_size * num_microbatches * dp`` see identical data. ``grads`` holds
     the main_grad after the first step's finalize_model_grads for parameter names accepted by
-    ``collect_grads``.
+    ``collect_grads``. ``save_init_to`` / ``load_init_from``: a torch_dist checkpoint of the
+    initial weights (written / read with megatron's dist_checkpointing), to start layouts whose
+    initialization differs (e.g. expert parallel) from the same weights.
     """
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -72,6 +78,11 @@ def train_steps(
             **(config_overrides or {}),
         )
         model = build_reference_gpt(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        if save_init_to is not None:
+            os.makedirs(save_init_to, exist_ok=True)
+            dist_checkpointing.save(model.sharded_state_dict(), save_init_to)
+        if load_init_from is not None:
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), load_init_from))
         if model_hook is not None:
             model_hook(model)
         ddp_config = DistributedDataParallelConfig(

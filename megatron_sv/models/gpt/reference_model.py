@@ -87,15 +87,22 @@ def build_reference_gpt(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     rotary_base: int = 10000,
+    layout_independent_init: bool = True,
 ) -> GPTModel:
-    """The baseline GPTModel for this pipeline stage (stage flags default to parallel_state's)."""
+    """The baseline GPTModel for this pipeline stage (stage flags default to parallel_state's).
+
+    With ``layout_independent_init`` each transformer layer is seeded from the current CPU
+    generator's initial seed and its global layer number, so one seed gives the same full
+    weights at any TP/PP/EP layout (embedding and output layer need no reseeding: they are drawn
+    first on the first stage and right after the same last layer on the last stage)."""
+    init_seed = torch.initial_seed() if layout_independent_init else None
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_reference_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=get_reference_block_spec(config, vp_stage=vp_stage, init_seed=init_seed),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

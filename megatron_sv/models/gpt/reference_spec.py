@@ -23,10 +23,27 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
+    get_transformer_layer_offset,
 )
 
 from megatron_sv.models.gpt.norm import SPNorm
 from megatron_sv.platform.attention import SDPACoreAttention
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose weights are drawn from ``init_seed + global layer number``.
+
+    With ``use_cpu_initialization`` Megatron draws every weight from the CPU generator in
+    construction order, so a pipeline stage that starts at layer k would draw layer k's weights
+    from a different generator state than a single stage does. Re-seeding per layer makes the
+    initial weights independent of the TP/PP/EP layout (for parity tests and ablations)."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0, **kwargs):
+        import torch
+
+        offset = get_transformer_layer_offset(config, vp_stage=kwargs.get("vp_stage"))
+        torch.manual_seed(init_seed + 1009 * (layer_number + offset))
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
 
 
 def get_reference_mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
@@ -55,10 +72,13 @@ def get_reference_layer_spec(
     num_experts: Optional[int] = None,
     moe_grouped_gemm: bool = False,
     qk_layernorm: bool = False,
+    init_seed: Optional[int] = None,
 ) -> ModuleSpec:
-    """One transformer layer: pre-norm self-attention and MLP/MoE with residuals."""
+    """One transformer layer: pre-norm self-attention and MLP/MoE with residuals. With
+    ``init_seed`` the layer is a SeededTransformerLayer (layout-independent initialization)."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=TransformerLayer if init_seed is None else SeededTransformerLayer,
+        params={} if init_seed is None else {"init_seed": init_seed},
         submodules=TransformerLayerSubmodules(
             input_layernorm=SPNorm,
             self_attention=ModuleSpec(
@@ -85,14 +105,17 @@ def get_reference_block_spec(
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
     qk_layernorm: bool = False,
+    init_seed: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """The decoder block for this pipeline stage: its layers plus our final norm (TransformerBlock
     would otherwise take the final norm from a module global). MoE when config.num_moe_experts
-    is set, with config.moe_grouped_gemm choosing GroupedMLP."""
+    is set, with config.moe_grouped_gemm choosing GroupedMLP. ``init_seed``: see
+    SeededTransformerLayer."""
     layer = get_reference_layer_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=bool(config.moe_grouped_gemm),
         qk_layernorm=qk_layernorm,
+        init_seed=init_seed,
     )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SPNorm)
