@@ -1,0 +1,208 @@
+"""Save and load training state with Megatron-Core's dist_checkpointing (torch_dist format).
+
+One checkpoint holds
+  model                    ``model.sharded_state_dict()``: layout-independent sharded tensors
+  optimizer                ``optimizer.sharded_state_dict(model_sd)``; the distributed optimizer uses the
+                           ``fully_sharded_model_space`` format, so its state reshards too
+  opt_param_scheduler      OptimizerParamScheduler.state_dict()
+  iteration, consumed_train_samples, args (plain types, checked on resume)
+plus one small RNG file per rank (``rng/rank_NNNNN.pt``), restored only when the layout is unchanged.
+
+Because sharded tensors are addressed by their global offsets, a checkpoint saved at one TP/PP/DP layout
+loads at another. Every file is read with ``torch.load(weights_only=True)`` (Megatron-Core's common-state
+loader relies on torch's default, which is ``weights_only=True`` since torch 2.6): nothing in the
+checkpoint may need arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, read_tracker, write_tracker
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _unwrap(model_chunks) -> torch.nn.Module:
+    if len(model_chunks) != 1:
+        raise CheckpointError("virtual pipeline parallelism (several model chunks) is not supported")
+    m = model_chunks[0]
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch_cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch_cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_path(ckpt: str, rank: int) -> str:
+    return os.path.join(ckpt, "rng", f"rank_{rank:05d}.pt")
+
+
+def _broadcast_int(value: int) -> int:
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long,
+                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.broadcast(t, 0)
+    return int(t.item())
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks: List[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    extra: Optional[Dict[str, Any]] = None,
+    async_queue=None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Save on every rank (collective). The tracker is written after all ranks finished: at once, or,
+    with ``async_queue`` (a dist_checkpointing AsyncCallsQueue), when the async request is finalized."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    ckpt = checkpoint_dir(root, iteration)
+    rank = _rank()
+    already = 0
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        try:
+            already = int(read_tracker(root) == iteration)
+        except CheckpointError:
+            already = 0
+        if not already and os.path.exists(ckpt):
+            shutil.rmtree(ckpt)  # an incomplete earlier attempt: the tracker never named it
+        if not already:
+            os.makedirs(ckpt)
+    if _broadcast_int(already):
+        log(f"checkpoint of iteration {iteration} already exists in {root}; not saving it again")
+        return ckpt
+    _barrier()
+
+    model = _unwrap(model_chunks)
+    state: Dict[str, Any] = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state.update(extra or {})
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    request = dist_checkpointing.save(state, ckpt, sharded_strategy=strategy,
+                                      async_sharded_save=async_queue is not None)
+    # after save(): it warns about non-empty directories
+    os.makedirs(os.path.dirname(_rng_path(ckpt, rank)), exist_ok=True)
+    torch.save(_rng_state(), _rng_path(ckpt, rank))
+
+    def finalize():
+        _barrier()
+        if rank == 0:
+            write_tracker(root, iteration)
+            log(f"saved checkpoint of iteration {iteration} to {ckpt}")
+
+    if async_queue is None:
+        finalize()
+    else:
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+    return ckpt
+
+
+def load_common(root: str, iteration: int) -> Dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration))
+
+
+def load_checkpoint(
+    root: str,
+    model_chunks: List[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    load_rng: bool = True,
+    check_args: Optional[Callable[[Dict[str, Any]], None]] = None,
+    log: Callable[[str], None] = print,
+) -> Optional[Dict[str, Any]]:
+    """Load the tracker's checkpoint into the model (and optimizer / scheduler when given). Returns the
+    non-tensor state (iteration, consumed_train_samples, args, ...) or None when ``root`` holds no
+    checkpoint. ``check_args(saved_args)`` may raise to refuse an incompatible checkpoint before any
+    tensor is read."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    iteration = read_tracker(root) if os.path.isdir(root) else None
+    if iteration is None:
+        return None
+    ckpt = checkpoint_dir(root, iteration)
+    common = load_common(root, iteration)
+    if check_args is not None:
+        check_args(common.get("args", {}))
+
+    model = _unwrap(model_chunks)
+    state: Dict[str, Any] = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
+                                                          metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(state, ckpt, sharded_strategy=get_default_load_sharded_strategy(ckpt))
+    model.load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        if "optimizer" not in common:
+            raise CheckpointError(f"{ckpt} holds no optimizer state; resume with --no-load-optim")
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        path = _rng_path(ckpt, _rank())
+        saved_args = common.get("args", {})
+        same_layout = all(
+            saved_args.get(k) == common_value for k, common_value in _layout().items())
+        if same_layout and os.path.isfile(path):
+            _set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            log("RNG state not restored (parallel layout changed); the model has no dropout by default, "
+                "so this only affects runs with dropout")
+    out = {k: v for k, v in loaded.items() if k not in ("model", "optimizer")}
+    out["iteration"] = iteration
+    log(f"loaded checkpoint of iteration {iteration} from {ckpt}")
+    return out
+
+
+def _layout() -> Dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+    }

@@ -1,0 +1,12 @@
+"""Training entry point: arguments, the train loop, logging and signal handling.
+
+``megatron_sv.training.main(argv)`` runs pretrain_gpt_sv.py's command line."""
+
+
+def main(argv=None) -> int:
+    from megatron_sv.training.loop import main as _main
+
+    return _main(argv)
+
+
+__all__ = ["main"]

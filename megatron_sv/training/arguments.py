@@ -1,0 +1,372 @@
+"""Command line of pretrain_gpt_sv.py: Megatron-LM's flag names plus the scale-vector flags.
+
+``parse_args`` reads the flags; ``validate_args`` checks everything that can be checked before any
+process group, model or dataset exists (flag combinations, divisibility, files, checkpoint
+directories) and fills in derived values (data-parallel size, micro-batches per step, padded
+vocabulary). Every problem raises ``ArgumentError`` with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import List, Optional, Sequence
+
+from megatron_sv.data.tokenizers import TOKENIZER_TYPES
+from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
+
+
+class ArgumentError(ValueError):
+    """A bad flag or flag combination, found before any work was done."""
+
+
+def _bool_pair(g, name: str, help_text: str) -> None:
+    dest = name.replace("-", "_")
+    g.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_text)
+    g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"turn off --{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt_sv.py", description="Pre-train a GPT with scale vectors on Megatron-Core.",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"])
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+
+    g = p.add_argument_group("scale vectors")
+    g.add_argument("--scale-vector-strategy", default="standard", choices=list(STRATEGIES))
+    _bool_pair(g, "sv-branch-specific", "override the preset: one input-side vector per branch (HG)")
+    g.add_argument("--sv-placement", choices=PLACEMENTS, default=None)
+    g.add_argument("--sv-reparam", choices=REPARAMS, default=None)
+    g.add_argument("--sv-weight-decay-policy", choices=WEIGHT_DECAY_POLICIES, default=None)
+    g.add_argument("--sv-final-norm-role", choices=ROLES, default=None)
+    g.add_argument("--sv-post-sublayer-norm", action="store_true",
+                   help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro-batch-size x data-parallel size (no gradient accumulation)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"])
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "linear", "constant"])
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None, help="prefixes, or 'weight prefix' pairs")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES))
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and restart iteration / consumed samples / schedule at 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit at this iteration")
+    g.add_argument("--exit-signal-handler", dest="exit_signal_handler", action="store_true", default=True,
+                   help="on SIGTERM/SIGUSR1 save a checkpoint and exit (default on)")
+    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None,
+                   help="jsonl with one machine-readable record per iteration and evaluation (rank 0)")
+    g.add_argument("--no-scale-vector-stats", action="store_true",
+                   help="skip the per-vector TensorBoard statistics")
+    # test-only: poison the loss at this iteration to exercise the NaN guard
+    g.add_argument("--inject-nan-at-iteration", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _fail(msg: str):
+    raise ArgumentError(msg)
+
+
+def world_size_from_env() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Check every flag before any work; add derived fields (data_parallel_size, num_microbatches,
+    lr_decay_iters, scale-vector config). Raises ArgumentError."""
+    from megatron_sv.checkpointing import CheckpointError, check_load_dir, check_save_dir
+    from megatron_sv.scale_vectors.config import strategy_config
+
+    world_size = world_size_from_env() if world_size is None else world_size
+    args.world_size = world_size
+    positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "expert_model_parallel_size", "eval_interval", "log_interval", "make_vocab_size_divisible_by"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            _fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval_iters < 0:
+        _fail(f"--eval-iters must be >= 0, got {args.eval_iters}")
+
+    # model shape
+    if args.hidden_size % args.num_attention_heads:
+        _fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+              f"{args.num_attention_heads}")
+    if args.num_query_groups is not None and not args.group_query_attention:
+        _fail("--num-query-groups needs --group-query-attention")
+    if args.group_query_attention:
+        if not args.num_query_groups:
+            _fail("--group-query-attention needs --num-query-groups")
+        if args.num_attention_heads % args.num_query_groups:
+            _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+                  f"{args.num_query_groups}")
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
+        _fail(f"--max-position-embeddings {args.max_position_embeddings} < --seq-length {args.seq_length}")
+    if args.num_experts is not None:
+        if args.num_experts < 1:
+            _fail("--num-experts must be positive")
+        if not 1 <= args.moe_router_topk <= args.num_experts:
+            _fail(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {args.num_experts}]")
+        if args.num_experts % args.expert_model_parallel_size:
+            _fail(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                  f"{args.expert_model_parallel_size}")
+    elif args.expert_model_parallel_size > 1:
+        _fail("--expert-model-parallel-size > 1 needs --num-experts")
+
+    # scale vectors
+    try:
+        args.sv_config = strategy_config(
+            args.scale_vector_strategy, branch_specific=args.sv_branch_specific, placement=args.sv_placement,
+            reparam=args.sv_reparam, weight_decay_policy=args.sv_weight_decay_policy,
+            final_norm_role=args.sv_final_norm_role)
+    except ValueError as e:
+        _fail(str(e))
+
+    # parallelism
+    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.expert_model_parallel_size)
+    from megatron_sv.platform.distributed import validate_parallel_sizes
+    try:
+        args.data_parallel_size = validate_parallel_sizes(world_size, tp, pp, ep)
+    except ValueError as e:
+        _fail(f"{e} (launch with a world size that is a multiple of TP x PP)")
+    if args.sequence_parallel and tp == 1:
+        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.num_attention_heads % tp:
+        _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+              f"--tensor-model-parallel-size {tp}")
+    if groups % tp:
+        _fail(f"the number of query groups ({groups}) is not divisible by --tensor-model-parallel-size {tp}")
+    if args.num_layers % pp:
+        _fail(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.sequence_parallel and args.seq_length % tp:
+        _fail(f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+              "(needed by --sequence-parallel)")
+
+    # batch
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        _fail(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+              f"{args.micro_batch_size} x data-parallel size {dp} (world {world_size} / (TP {tp} x PP {pp}))")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+
+    # optimization
+    if args.optimizer == "muon":
+        try:
+            import emerging_optimizers  # noqa: F401
+        except ImportError:
+            _fail("--optimizer muon uses megatron.core.optimizer.muon, which needs the package "
+                  "'emerging-optimizers' (pip install emerging-optimizers); it is not installed")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        _fail(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0 or (args.lr_warmup_iters > 0 and args.lr_warmup_iters >= args.lr_decay_iters):
+        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --lr-decay-iters {args.lr_decay_iters})")
+    if args.lr_decay_style == "wsd":
+        if args.lr_wsd_decay_iters is None:
+            _fail("--lr-decay-style wsd needs --lr-wsd-decay-iters")
+        if not 0 < args.lr_wsd_decay_iters <= args.lr_decay_iters - args.lr_warmup_iters:
+            _fail(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in (0, --lr-decay-iters - "
+                  f"--lr-warmup-iters = {args.lr_decay_iters - args.lr_warmup_iters}]")
+    elif args.lr_wsd_decay_iters is not None:
+        _fail("--lr-wsd-decay-iters only applies to --lr-decay-style wsd")
+    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
+        _fail("--adam-beta1/--adam-beta2 must be in [0, 1)")
+    if args.weight_decay < 0 or args.clip_grad < 0:
+        _fail("--weight-decay and --clip-grad must be >= 0")
+
+    # precision
+    import torch
+    if args.fp8_format is not None:
+        if not torch.cuda.is_available():
+            _fail("--fp8-format needs NVIDIA GPUs with Transformer Engine; no GPU is available here")
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            _fail("--fp8-format needs Transformer Engine (pip install transformer-engine[pytorch])")
+        _fail("--fp8-format: the Transformer Engine layer specs are not wired into this entry point yet")
+    if args.bf16 and not torch.cuda.is_available():
+        pass  # bf16 runs on CPU too (slow); allowed for smoke tests
+
+    # data and tokenizer
+    if args.mock_data and args.data_path:
+        _fail("give either --mock-data or --data-path, not both")
+    if not args.mock_data and not args.data_path:
+        _fail("no training data: give --data-path PREFIX (a .bin/.idx pair from tools/preprocess_data.py) "
+              "or --mock-data")
+    if args.tokenizer_type is None:
+        if args.mock_data and args.vocab_size:
+            args.tokenizer_type = "NullTokenizer"
+        else:
+            _fail("--tokenizer-type is required")
+    need = {"SentencePieceTokenizer": ["tokenizer_model"], "HuggingFaceTokenizer": ["tokenizer_model"],
+            "GPT2BPETokenizer": ["vocab_file", "merge_file"], "NullTokenizer": []}[args.tokenizer_type]
+    for name in need:
+        path = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if not path:
+            _fail(f"--tokenizer-type {args.tokenizer_type} needs {flag}")
+        if not os.path.exists(path):
+            _fail(f"{flag} {path!r} does not exist")
+    if args.tokenizer_type == "NullTokenizer" and not args.vocab_size:
+        _fail("--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.data_path:
+        from megatron_sv.data.datasets import check_dataset_files, parse_blend, parse_split
+        try:
+            prefixes, _ = parse_blend(args.data_path)
+            check_dataset_files(prefixes)
+            parse_split(args.split)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(f"--data-path/--split: {e}")
+
+    # evaluation
+    if args.eval_iters > 0 and args.data_path:
+        from megatron_sv.data.datasets import parse_split
+        if parse_split(args.split)[1] == 0:
+            _fail(f"--eval-iters {args.eval_iters} needs a validation share in --split {args.split!r} "
+                  "(or --eval-iters 0)")
+
+    # checkpoints
+    if args.save_interval is not None and args.save_interval <= 0:
+        _fail("--save-interval must be positive")
+    if args.save_interval and not args.save:
+        _fail("--save-interval needs --save")
+    if args.async_save and not args.save:
+        _fail("--async-save needs --save")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        _fail("--exit-duration-in-mins must be positive")
+    if args.finetune and not args.load:
+        _fail("--finetune needs --load")
+    try:
+        if args.load:
+            check_load_dir(args.load, allow_empty=(args.save is not None and _same_dir(args.load, args.save)))
+        if args.save:
+            check_save_dir(args.save, args.load)
+    except CheckpointError as e:
+        _fail(str(e))
+    return args
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+# the arguments that define the model's function; a checkpoint made with other values cannot be resumed
+MODEL_DEFINING_ARGS: List[str] = [
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "normalization", "swiglu", "position_embedding_type", "rotary_base",
+    "untie_embeddings_and_output_weights", "qk_layernorm", "num_experts", "moe_router_topk",
+    "moe_ffn_hidden_size", "padded_vocab_size", "scale_vector_strategy", "sv_branch_specific",
+    "sv_placement", "sv_reparam", "sv_weight_decay_policy", "sv_final_norm_role", "sv_post_sublayer_norm",
+    "max_position_embeddings",
+]
+
+
+def args_for_checkpoint(args: argparse.Namespace) -> dict:
+    """The flags as plain types (loadable with torch.load(weights_only=True))."""
+    out = {}
+    for k, v in vars(args).items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out

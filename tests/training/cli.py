@@ -1,0 +1,88 @@
+"""Drive pretrain_gpt_sv.py through torchrun (gloo, CPU) and read its jsonl metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from tests.helpers.distributed import find_free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRY = os.path.join(ROOT, "pretrain_gpt_sv.py")
+
+# a tiny model on mock data: about 0.1 s per step on 2 cores
+TINY = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--swiglu", "--untie-embeddings-and-output-weights", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",
+    "--scale-vector-strategy", "unified", "--log-interval", "1", "--eval-iters", "0",
+    "--no-scale-vector-stats", "--seed", "7",
+]
+
+
+def command(args: Sequence[str], nproc: int) -> List[str]:
+    if nproc == 1:
+        return [sys.executable, ENTRY, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), ENTRY, *args]
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+             TORCHINDUCTOR_COMPILE_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(args: Sequence[str], nproc: int = 2, timeout: float = 240, extra_env: Optional[Dict] = None):
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(args: Sequence[str], nproc: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(command(args, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read_metrics(path: str, kind: str = "train") -> Dict[int, Dict]:
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["type"] == kind:
+                out[rec["iteration"]] = rec
+    return out
+
+
+def losses(path: str) -> Dict[int, float]:
+    return {i: r["loss"] for i, r in read_metrics(path).items()}
+
+
+def wait_for_iteration(path: str, iteration: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(read_metrics(path), default=0) >= iteration:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before iteration {iteration}:\n"
+                                 + proc.stdout.read())
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"iteration {iteration} not reached in {timeout} s")
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result

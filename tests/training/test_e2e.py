@@ -1,0 +1,121 @@
+"""End-to-end tests of pretrain_gpt_sv.py via torchrun with 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from megatron_sv.checkpointing import read_tracker
+from tests.training.cli import TINY, check, losses, read_metrics, run, start, wait_for_iteration
+
+ITERS = 4
+
+
+def _run_layout(tmp_path, name, layout, nproc, iters=ITERS, extra=()):
+    metrics = str(tmp_path / f"{name}.jsonl")
+    check(run([*TINY, "--train-iters", str(iters), "--metrics-file", metrics, *layout, *extra], nproc=nproc))
+    return losses(metrics)
+
+
+def test_tp2_pp2_dp2_match_single_rank(tmp_path):
+    ref = _run_layout(tmp_path, "tp1", [], 1)
+    assert sorted(ref) == list(range(1, ITERS + 1))
+    assert ref[ITERS] < ref[1]
+    for name, layout in [("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                         ("pp2", ["--pipeline-model-parallel-size", "2"]),
+                         ("dp2", ["--use-distributed-optimizer"])]:
+        got = _run_layout(tmp_path, name, layout, 2)
+        assert sorted(got) == sorted(ref), name
+        for i in ref:
+            assert got[i] == pytest.approx(ref[i], rel=2e-5, abs=2e-5), (name, i, got[i], ref[i])
+
+
+def test_resume_matches_uninterrupted_and_reshards(tmp_path):
+    layout = ["--tensor-model-parallel-size", "2"]
+    full = _run_layout(tmp_path, "full", layout, 2, iters=6)
+    ckpt = str(tmp_path / "ckpt")
+    part = str(tmp_path / "part.jsonl")
+    args = [*TINY, *layout, "--train-iters", "6", "--save", ckpt, "--load", ckpt, "--metrics-file", part]
+    out = check(run([*args, "--exit-interval", "3"])).stdout
+    assert read_tracker(ckpt) == 3 and "exiting at iteration 3" in out
+    shutil.copytree(ckpt, str(tmp_path / "ckpt_at_3"))
+    check(run(args))
+    resumed = losses(part)
+    assert sorted(resumed) == list(range(1, 7))
+    for i in range(1, 7):
+        assert resumed[i] == full[i], (i, resumed[i], full[i])  # bit-exact
+    assert read_tracker(ckpt) == 6
+    # the TP2 checkpoint of iteration 3 resumed at PP2 (model and optimizer resharded)
+    pp = str(tmp_path / "pp.jsonl")
+    check(run([*TINY, "--pipeline-model-parallel-size", "2", "--train-iters", "6",
+               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", pp]))
+    got = losses(pp)
+    assert sorted(got) == [4, 5, 6]
+    for i in got:
+        assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
+
+
+def test_sigterm_saves_loadable_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    metrics = str(tmp_path / "m.jsonl")
+    args = [*TINY, "--train-iters", "100000", "--lr-decay-iters", "1000", "--save", ckpt, "--load", ckpt,
+            "--metrics-file", metrics]
+    proc = start(args)
+    wait_for_iteration(metrics, 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # torchrun forwards it to the ranks
+    out, _ = proc.communicate(timeout=120)
+    assert "received SIGTERM" in out, out[-3000:]
+    k = read_tracker(ckpt)
+    assert k is not None and k >= 2, out[-3000:]
+    assert max(read_metrics(metrics)) == k
+    # the checkpoint loads and training continues from k + 1
+    check(run([*TINY, "--train-iters", str(k + 1), "--lr-decay-iters", "1000", "--load", ckpt,
+               "--metrics-file", str(tmp_path / "after.jsonl")]))
+    assert sorted(losses(str(tmp_path / "after.jsonl"))) == [k + 1]
+
+
+def test_sigusr1_saves_and_exits(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    metrics = str(tmp_path / "m.jsonl")
+    proc = start([*TINY, "--train-iters", "100000", "--lr-decay-iters", "1000", "--save", ckpt,
+                  "--metrics-file", metrics], nproc=1)
+    wait_for_iteration(metrics, 1, proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "received SIGUSR1" in out
+    assert read_tracker(ckpt) == max(read_metrics(metrics))
+
+
+def test_nan_stops_with_iteration_and_keeps_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    r = run([*TINY, "--train-iters", "6", "--save", ckpt, "--save-interval", "2",
+             "--inject-nan-at-iteration", "3", "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert r.returncode != 0, r.stderr[-3000:]  # torchrun exits 1 when ranks exit 3
+    assert "iteration 3" in r.stderr and "nan" in r.stderr.lower()
+    assert read_tracker(ckpt) == 2
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000003"))
+
+
+def test_validation_and_tensorboard(tmp_path):
+    tb = tmp_path / "tb"
+    metrics = str(tmp_path / "m.jsonl")
+    r = check(run([x for x in TINY if x not in ("--no-scale-vector-stats",)]
+                  + ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
+                     "--tensorboard-dir", str(tb), "--metrics-file", metrics,
+                     "--pipeline-model-parallel-size", "2"]))
+    assert sorted(read_metrics(metrics, "valid")) == [2, 4]
+    assert "validation at iteration 2" in r.stdout and "tokens/s" in r.stdout
+    assert "scale vectors (Input-Norm)" in r.stdout  # the param-group table
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "validation/loss"} <= tags
+    # statistics from both pipeline stages, with global layer numbers
+    assert any(t.startswith("scale_vectors/layer0/") for t in tags), sorted(tags)[:20]
+    assert any(t.startswith("scale_vectors/layer1/") for t in tags), sorted(tags)[:20]
