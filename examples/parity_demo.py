@@ -30,7 +30,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_sv.models.gpt.reference_model import build_reference_gpt, reference_config
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.platform import current_device, destroy_distributed, initialize_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -42,6 +42,8 @@ def main():
         tensor_model_parallel_size=world, sequence_parallel=args.sequence_parallel and world > 1
     )
     model = build_reference_gpt(config, vocab_size=vocab, max_sequence_length=seq)
+    device = current_device()
+    model.to(device)  # weights are created on the CPU (use_cpu_initialization)
     model = DistributedDataParallel(
         config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
     )
@@ -57,8 +59,8 @@ def main():
         return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
     def forward_step(data_iterator, model):
-        tokens, labels = next(data_iterator)
-        pos = torch.arange(seq).unsqueeze(0).expand_as(tokens)
+        tokens, labels = (t.to(device) for t in next(data_iterator))
+        pos = torch.arange(seq, device=device).unsqueeze(0).expand_as(tokens)
         return model(tokens, pos, None, labels=labels), loss_func
 
     rank = torch.distributed.get_rank()

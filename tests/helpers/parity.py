@@ -25,8 +25,9 @@ def _loss_func(loss_mask, output_tensor):
 
 
 def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device
+    tokens, labels = (t.to(device) for t in next(data_iterator))
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float))
 
@@ -62,7 +63,7 @@ def train_steps(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_sv.models.gpt.reference_model import build_reference_gpt, reference_config
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.platform import current_device, destroy_distributed, initialize_distributed
 
     initialize_distributed(
         tensor_model_parallel_size=parallel.get("tp", 1),
@@ -78,6 +79,7 @@ def train_steps(
             **(config_overrides or {}),
         )
         model = build_reference_gpt(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        model.to(current_device())  # weights are created on the CPU (use_cpu_initialization)
         if save_init_to is not None:
             os.makedirs(save_init_to, exist_ok=True)
             dist_checkpointing.save(model.sharded_state_dict(), save_init_to)
@@ -129,15 +131,15 @@ def train_steps(
             if step == 0 and collect_grads is not None:
                 for name, p in model.module.named_parameters():
                     if collect_grads(name):
-                        grads[name] = p.main_grad.detach().clone()
+                        grads[name] = p.main_grad.detach().cpu().clone()
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
             # mean of the micro-batch losses on the last stage, averaged over data-parallel ranks
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 local = torch.stack([r["lm loss"] for r in reduced]).mean()
-                contrib = torch.tensor([local.item(), 1.0], dtype=torch.float64)
+                contrib = torch.tensor([local.item(), 1.0], dtype=torch.float64, device=current_device())
             else:
-                contrib = torch.zeros(2, dtype=torch.float64)
+                contrib = torch.zeros(2, dtype=torch.float64, device=current_device())
             if parallel_state.get_tensor_model_parallel_rank() != 0:
                 contrib.zero_()
             torch.distributed.all_reduce(contrib)

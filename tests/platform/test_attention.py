@@ -8,7 +8,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_sv.models.gpt.reference_model import reference_config
-from megatron_sv.platform import destroy_distributed, initialize_distributed
+from megatron_sv.platform import current_device, destroy_distributed, initialize_distributed
 from megatron_sv.platform.attention import SDPACoreAttention
 from tests.helpers.distributed import find_free_port, run_distributed
 
@@ -32,7 +32,7 @@ def naive_attention(q, k, v, causal=True, mask=None):
     scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(q.shape[-1])
     if causal:
         s, t = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(s, t, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(s, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     out = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v)
@@ -77,7 +77,8 @@ def test_dropout_uses_rng_tracker(single_rank):
 
     config = reference_config(attention_dropout=0.5)
     attn = SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
-    q, k, v = _qkv()
+    # on the device whose generator the tracker forks (the CUDA one on GPUs)
+    q, k, v = (t.to(current_device()) for t in _qkv())
     state = tensor_parallel.get_cuda_rng_tracker().get_states()
     saved = {n: s.clone() for n, s in state.items()}
     out1 = attn(q, k, v, None)
