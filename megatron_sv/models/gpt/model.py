@@ -130,21 +130,24 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
     return TransformerConfig(**cfg)
 
 
-def layer_options(shape: GPTShape, core_attention=None, init_seed: Optional[int] = None) -> LayerOptions:
+def layer_options(shape: GPTShape, core_attention=None, init_seed: Optional[int] = None,
+                  transformer_impl: str = "local") -> LayerOptions:
     return LayerOptions(num_layers=shape.num_layers, gated_mlp=shape.swiglu, num_experts=shape.num_experts,
                         qk_layernorm=shape.qk_layernorm, post_sublayer_norm=shape.post_sublayer_norm,
-                        core_attention=core_attention, init_seed=init_seed)
+                        core_attention=core_attention, init_seed=init_seed, transformer_impl=transformer_impl)
 
 
 def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerConfig,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                     core_attention=None, init_seed: Optional[int] = None,
-                    vp_stage: Optional[int] = None) -> GPTModel:
+                    vp_stage: Optional[int] = None, transformer_impl: str = "local") -> GPTModel:
     """The GPT for this pipeline stage (first/last stage decided from parallel_state when None).
 
     ``init_seed``: draw every layer's (and expert's) weights from this seed and its global position,
     so the full model is the same at any TP/PP/EP layout (models/gpt/seeding.py). Defaults to the CPU
     generator's current initial seed (``torch.manual_seed`` before building).
+    ``transformer_impl``: "local" (runs anywhere) or "transformer_engine" (TE GEMMs, FP8 via
+    ``config.fp8``; needs CUDA and TE, see models/gpt/te_layer_specs.py).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -152,7 +155,8 @@ def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerC
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if init_seed is None:
         init_seed = torch.initial_seed()
-    spec = get_sv_block_spec(sv, layer_options(shape, core_attention, init_seed), config, vp_stage=vp_stage)
+    opts = layer_options(shape, core_attention, init_seed, transformer_impl)
+    spec = get_sv_block_spec(sv, opts, config, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

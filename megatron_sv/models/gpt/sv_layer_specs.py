@@ -48,6 +48,7 @@ class LayerOptions:
     post_sublayer_norm: bool = False  # Output-Norms after attention and MLP (Gemma / Peri-LN)
     core_attention: Optional[type] = None  # SDPA on CPU; a faster kernel may be supplied on GPU
     init_seed: Optional[int] = None  # layout-independent init (see seeding.py); None: Megatron's order
+    transformer_impl: str = "local"  # --transformer-impl: "local" or "transformer_engine" (te_layer_specs.py)
 
 
 def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
@@ -109,6 +110,11 @@ def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
 
 def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
     """The TransformerLayer spec for strategy ``sv``."""
+    if opts.transformer_impl != "local":
+        from .te_layer_specs import check_transformer_impl, get_te_layer_spec
+
+        check_transformer_impl(opts.transformer_impl)
+        return get_te_layer_spec(sv, opts)
     _check(sv, opts)
     qk_norm = (_norm(sv, has_scale=True, role="output", input_split="heads")
                if opts.qk_layernorm else IdentityOp)
@@ -143,6 +149,11 @@ def get_sv_block_spec(sv: ScaleVectorConfig, opts: LayerOptions, config,
                       vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """Block spec for this pipeline stage: its layers plus our final norm (TransformerBlock would
     otherwise take the final norm from a module global)."""
+    if opts.transformer_impl != "local":
+        from .te_layer_specs import check_transformer_impl, get_te_block_spec
+
+        check_transformer_impl(opts.transformer_impl)
+        return get_te_block_spec(sv, opts, config, vp_stage=vp_stage)
     layer = get_sv_layer_spec(sv, opts)
     final_norm = _norm(sv, has_scale=True, role=sv.final_norm_role, input_split="sequence")
     num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
