@@ -44,12 +44,15 @@ def test_unknown_transformer_impl_is_refused(megatron_single_rank):
 
 
 def test_local_backend_unaffected_by_the_switch(megatron_single_rank):
-    shape_tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(8)[None].expand(2, 8)
+    from megatron_sv.platform import current_device
+
+    dev = current_device()
+    shape_tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)).to(dev)
+    pos = torch.arange(8, device=dev)[None].expand(2, 8)
     outs = []
     for impl_kwargs in ({}, {"transformer_impl": "local"}):
         torch.manual_seed(1234)
-        model = build_gpt_model(SHAPE, strategy_config("unified"), transformer_config(SHAPE), **impl_kwargs)
+        model = build_gpt_model(SHAPE, strategy_config("unified"), transformer_config(SHAPE), **impl_kwargs).to(dev)
         with torch.no_grad():
             outs.append(model(shape_tokens, pos, None))
     assert torch.equal(outs[0], outs[1])
