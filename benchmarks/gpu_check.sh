@@ -13,6 +13,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+[ -d .gpu_deps ] && export PYTHONPATH=$PWD/.gpu_deps:$PYTHONPATH  # dependencies carried unpacked
 export PYTHONWARNINGS=ignore
 nvidia-smi -L
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
