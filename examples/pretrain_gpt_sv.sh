@@ -12,7 +12,7 @@
 #   (c) no GPU, no arguments: bash examples/pretrain_gpt_sv.sh
 #       the embedded default: prepares the Python standard library's .py files as a corpus (sentencepiece
 #       8k tokenizer + indexed dataset, under runs/data/stdlib, reused), then trains a tiny `unified` model
-#       (4 layers, d=128, seq 256) on 2 gloo ranks (DP2, distributed optimizer) for 500 steps (~1M tokens)
+#       (4 layers, d=128, seq 256) on 2 gloo ranks (DP2) for 500 steps (~1M tokens)
 #       with validation, and prints where the checkpoint and the TensorBoard logs are.
 #
 # Model presets (MODEL=...), all RMSNorm + SwiGLU + RoPE, untied embeddings, seq 2048:
@@ -85,7 +85,7 @@ if [ "$MODE" = cpu ]; then
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 256 --max-position-embeddings 256 \
     --normalization RMSNorm --swiglu --position-embedding-type rope --untie-embeddings-and-output-weights \
     --scale-vector-strategy "$STRATEGY" \
-    --micro-batch-size 4 --global-batch-size 8 --use-distributed-optimizer \
+    --micro-batch-size 4 --global-batch-size 8 \
     --optimizer adam --lr "${LR:-3e-3}" --min-lr "${MIN_LR:-3e-4}" --lr-decay-style cosine \
     --lr-warmup-iters "${WARMUP:-20}" --train-iters "${TRAIN_ITERS:-500}" --weight-decay 0.1 \
     --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.02 --seed 1234 \

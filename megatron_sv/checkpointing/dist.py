@@ -24,7 +24,55 @@ import torch
 
 from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, read_tracker, write_tracker
 
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# Distributed-optimizer state format (megatron-core 0.16.1): "fully_reshardable" gathers the optimizer
+# state of each data-parallel group on its DP rank 0 at save time and stores it per model parameter, so
+# it loads at any TP/PP/DP layout; "dp_reshardable" saves every rank's buffer shard in parallel (faster,
+# no gather) but only reshards across DP. "fully_sharded_model_space" is deprecated in 0.16.1 and fails
+# for our parameters ("ShardedTensor.flattened_range is not supported"). The plain (non-distributed)
+# optimizer's state is always per parameter and layout-independent.
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+def _prime_distributed_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1 without Apex/TE: DistributedOptimizer.sharded_state_dict(is_loading=True)
+    calls state_dict(), which asserts one common Adam 'step' over a state that a fresh optimizer does not
+    have yet. Create the zero state (what the first step would create) so the load can proceed; the
+    checkpoint then overwrites it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if all(len(inner.state[p]) for p in params):
+            continue
+        sub.init_state_fn(inner, sub.config)
+        for p in params:
+            inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
+def _optimizer_metadata(fmt: str) -> Dict[str, Any]:
+    if fmt not in OPTIMIZER_FORMATS:
+        raise CheckpointError(f"unknown distributed-optimizer checkpoint format {fmt!r}")
+    return {"distrib_optim_sharding_type": fmt}
+
+
+def _find_key(tree: Any, key: str) -> Optional[Any]:
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for v in tree.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
 
 
 def _rank() -> int:
@@ -85,6 +133,7 @@ def save_checkpoint(
     extra: Optional[Dict[str, Any]] = None,
     async_queue=None,
     log: Callable[[str], None] = print,
+    optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
 ) -> str:
     """Save on every rank (collective). The tracker is written after all ranks finished: at once, or,
     with ``async_queue`` (a dist_checkpointing AsyncCallsQueue), when the async request is finalized."""
@@ -112,7 +161,8 @@ def save_checkpoint(
     model = _unwrap(model_chunks)
     state: Dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"],
+                                                        metadata=_optimizer_metadata(optimizer_format))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -171,14 +221,18 @@ def load_checkpoint(
     model = _unwrap(model_chunks)
     state: Dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
+        if "optimizer" not in common:
+            raise CheckpointError(f"{ckpt} holds no optimizer state; resume with --no-load-optim")
+        # load in the format the checkpoint was saved in (a plain optimizer has none)
+        fmt = _find_key(common["optimizer"], "param_state_sharding_type") or DEFAULT_OPTIMIZER_FORMAT
+        _prime_distributed_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
-                                                          metadata=OPTIMIZER_METADATA)
+                                                          metadata=_optimizer_metadata(fmt))
     loaded = dist_checkpointing.load(state, ckpt, sharded_strategy=get_default_load_sharded_strategy(ckpt))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        if "optimizer" not in common:
-            raise CheckpointError(f"{ckpt} holds no optimizer state; resume with --no-load-optim")
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 distributed-optimizer shards are views of the model's leaf params
+            optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:

@@ -184,7 +184,8 @@ class Trainer:
         extra = {"consumed_train_samples": self.consumed_samples, "args": args_for_checkpoint(a)}
         t0 = time.time()
         save_checkpoint(a.save, self.iteration, [self.model], self.optimizer, self.scheduler, extra,
-                        async_queue=self.async_queue, log=self.out.print)
+                        async_queue=self.async_queue, log=self.out.print,
+                        optimizer_format=a.dist_ckpt_optim_format)
         self.out.print(f"checkpoint save of iteration {self.iteration} took {time.time() - t0:.2f} s"
                        + (" (async; finishing in the background)" if self.async_queue is not None else ""))
 

@@ -119,3 +119,31 @@ def test_validation_and_tensorboard(tmp_path):
     # statistics from both pipeline stages, with global layer numbers
     assert any(t.startswith("scale_vectors/layer0/") for t in tags), sorted(tags)[:20]
     assert any(t.startswith("scale_vectors/layer1/") for t in tags), sorted(tags)[:20]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known issue: on CPU (megatron-core 0.16.1 without Apex/TE, dp_reshardable format) the distributed "
+    "optimizer's checkpoint restores the weights exactly (iteration k+1 matches) but not the Adam state "
+    "(iteration k+2 differs); the plain optimizer resumes bit-exactly"))
+def test_distributed_optimizer_resume_and_reshard(tmp_path):
+    """DP2 with the distributed optimizer: exact resume, and its checkpoint resumed on one rank (DP1).
+    On CPU the default format is dp_reshardable (megatron-core 0.16.1's fully_reshardable gather calls
+    .cuda()), which reshards across DP only."""
+    layout = ["--use-distributed-optimizer"]
+    full = _run_layout(tmp_path, "full", layout, 2, iters=5)
+    ckpt = str(tmp_path / "ckpt")
+    part = str(tmp_path / "part.jsonl")
+    args = [*TINY, *layout, "--train-iters", "5", "--save", ckpt, "--load", ckpt, "--metrics-file", part]
+    check(run([*args, "--exit-interval", "3"]))
+    shutil.copytree(ckpt, str(tmp_path / "ckpt_at_3"))
+    check(run(args))
+    resumed = losses(part)
+    assert resumed[4] == full[4]  # weights restored exactly
+    assert [resumed[i] for i in range(1, 6)] == [full[i] for i in range(1, 6)]
+    tp = str(tmp_path / "tp.jsonl")
+    check(run([*TINY, *layout, "--train-iters", "5",
+               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp], nproc=1))
+    got = losses(tp)
+    assert sorted(got) == [4, 5]
+    for i in got:
+        assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
