@@ -39,11 +39,12 @@ def ensure_single_process() -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConversionError("checkpoint conversion runs in a single process; do not launch it with torchrun")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # a world of one rendezvouses with nobody: any free local port will do (an inherited MASTER_PORT may
+    # belong to the parent process)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_sv.platform import initialize_distributed
 
