@@ -40,8 +40,12 @@ def train_steps(
     num_microbatches: int = 1,
     use_distributed_optimizer: bool = False,
     seed: int = 42,
-    collect_grads: Optional[Callable[[str], bool]] = None,
+    collect_grads: Optional[Callable[[str, torch.nn.Parameter], bool]] = None,
     model_hook: Optional[Callable] = None,
+    build_model: Optional[Callable[[Dict[str, Any]], Any]] = None,
+    finish: Optional[Callable[[torch.nn.Module], Any]] = None,
+    optimizer_overrides: Optional[Callable[[], Any]] = None,
+    keep_process_group: bool = False,
     save_init_to: Optional[str] = None,
     load_init_from: Optional[str] = None,
 ) -> Dict[str, Any]:
@@ -54,6 +58,12 @@ def train_steps(
     ``collect_grads``. ``save_init_to`` / ``load_init_from``: a torch_dist checkpoint of the
     initial weights (written / read with megatron's dist_checkpointing), to start layouts whose
     initialization differs (e.g. expert parallel) from the same weights.
+    ``build_model(parallel) -> (config, model)`` replaces the baseline model (e.g. a scale-vector
+    GPT); ``optimizer_overrides()`` gives get_megatron_optimizer's config_overrides; ``finish(model)``
+    runs on the unwrapped model after training and its result is returned under "finish".
+    ``collect_grads(name, param)`` selects the gradients to return. ``keep_process_group``: tear down
+    only Megatron's parallel state afterwards, so one spawned job can run several layouts (re-creating
+    the default gloo group in the same process can hang).
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state
@@ -72,13 +82,16 @@ def train_steps(
         seed=seed,
     )
     try:
-        config = reference_config(
-            tensor_model_parallel_size=parallel.get("tp", 1),
-            pipeline_model_parallel_size=parallel.get("pp", 1),
-            expert_model_parallel_size=parallel.get("ep", 1),
-            **(config_overrides or {}),
-        )
-        model = build_reference_gpt(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        if build_model is not None:
+            config, model = build_model(parallel)
+        else:
+            config = reference_config(
+                tensor_model_parallel_size=parallel.get("tp", 1),
+                pipeline_model_parallel_size=parallel.get("pp", 1),
+                expert_model_parallel_size=parallel.get("ep", 1),
+                **(config_overrides or {}),
+            )
+            model = build_reference_gpt(config, vocab_size=VOCAB, max_sequence_length=SEQ)
         model.to(current_device())  # weights are created on the CPU (use_cpu_initialization)
         if save_init_to is not None:
             os.makedirs(save_init_to, exist_ok=True)
@@ -100,7 +113,9 @@ def train_steps(
             adam_beta2=0.95, clip_grad=1.0, bf16=False, fp16=False, params_dtype=torch.float32,
             use_distributed_optimizer=use_distributed_optimizer,
         )
-        optimizer = get_megatron_optimizer(opt_config, [model])
+        optimizer = get_megatron_optimizer(
+            opt_config, [model],
+            config_overrides=optimizer_overrides() if optimizer_overrides is not None else None)
         for group in optimizer.param_groups:
             group["lr"] = opt_config.lr
 
@@ -130,7 +145,7 @@ def train_steps(
             )
             if step == 0 and collect_grads is not None:
                 for name, p in model.module.named_parameters():
-                    if collect_grads(name):
+                    if collect_grads(name, p):
                         grads[name] = p.main_grad.detach().cpu().clone()
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
@@ -144,6 +159,12 @@ def train_steps(
                 contrib.zero_()
             torch.distributed.all_reduce(contrib)
             losses.append(float(contrib[0] / contrib[1]))
-        return {"losses": losses, "grads": grads, "grad_norm": float(grad_norm)}
+        result = {"losses": losses, "grads": grads, "grad_norm": float(grad_norm)}
+        if finish is not None:
+            result["finish"] = finish(model.module)
+        return result
     finally:
-        destroy_distributed()
+        if keep_process_group:
+            parallel_state.destroy_model_parallel()
+        else:
+            destroy_distributed()

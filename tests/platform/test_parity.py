@@ -16,7 +16,7 @@ ATOL = 1e-6
 MOE = {"num_moe_experts": 4, "moe_router_topk": 2}
 
 
-def _is_norm(name: str) -> bool:
+def _is_norm(name: str, param=None) -> bool:
     return "layernorm" in name
 
 
