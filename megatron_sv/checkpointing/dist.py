@@ -53,6 +53,29 @@ def _prime_distributed_optimizer_state(optimizer) -> None:
             inner.state[p].setdefault("step", torch.tensor(0.0))
 
 
+def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
+    """megatron-core 0.16.1 without Apex/TE restores the distributed optimizer's torch-Adam ``step`` wrongly:
+    load_state_dict gives every parameter the *same* step tensor and then overwrites it with the value of
+    the freshly primed (zero) state that was used to build the load request. Adam's bias correction after
+    a resume would then restart from step 1. The saved step is in the checkpoint's param groups (the
+    common state); give every parameter its own copy of it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    groups = _find_key(loaded_optimizer_state, "param_groups") or []
+    steps = {g["step"] for g in groups if isinstance(g, dict) and "step" in g}
+    if not steps:
+        return
+    if len(steps) != 1:
+        raise CheckpointError(f"inconsistent optimizer steps in the checkpoint: {sorted(steps)}")
+    step = float(steps.pop())
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        for st in sub.optimizer.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+
+
 def _optimizer_metadata(fmt: str) -> Dict[str, Any]:
     if fmt not in OPTIMIZER_FORMATS:
         raise CheckpointError(f"unknown distributed-optimizer checkpoint format {fmt!r}")
@@ -233,6 +256,7 @@ def load_checkpoint(
     if optimizer is not None:
         with torch.no_grad():  # fp32 distributed-optimizer shards are views of the model's leaf params
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:

@@ -133,6 +133,10 @@ def initialize_distributed(
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        if launch.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process (plain `python pretrain_gpt_sv.py`) needs no agreed port: take a free one so
+            # several single-process runs on one machine do not collide on the default 29500.
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         torch.distributed.init_process_group(
             backend=backend,
@@ -155,6 +159,14 @@ def initialize_distributed(
     if seed is not None:
         set_seed(seed)
     return launch
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:

@@ -121,10 +121,6 @@ def test_validation_and_tensorboard(tmp_path):
     assert any(t.startswith("scale_vectors/layer1/") for t in tags), sorted(tags)[:20]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known issue: on CPU (megatron-core 0.16.1 without Apex/TE, dp_reshardable format) the distributed "
-    "optimizer's checkpoint restores the weights exactly (iteration k+1 matches) but not the Adam state "
-    "(iteration k+2 differs); the plain optimizer resumes bit-exactly"))
 def test_distributed_optimizer_resume_and_reshard(tmp_path):
     """DP2 with the distributed optimizer: exact resume, and its checkpoint resumed on one rank (DP1).
     On CPU the default format is dp_reshardable (megatron-core 0.16.1's fully_reshardable gather calls
