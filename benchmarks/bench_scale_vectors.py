@@ -2,8 +2,10 @@
 
 Not a test. All strategies are built in one process and timed in interleaved rounds (round-robin, so
 drift affects all alike); the reported time ratio is the median over rounds of strategy/standard.
-Peak memory: on GPU, torch.cuda.max_memory_allocated per strategy; on CPU, each strategy runs in its own
-subprocess and the peak RSS growth during training steps is compared (coarser, but the same for all).
+Peak memory: on GPU, torch.cuda.max_memory_allocated per strategy. On CPU (no allocator statistics) the
+training-step footprint is counted exactly: parameters + gradients + Adam state + the tensors autograd
+keeps for backward at the end of a micro-batch's forward (unique storages, via saved-tensor hooks), which
+is where a step's memory peaks; transient workspace inside single ops is not counted.
 
     python benchmarks/bench_scale_vectors.py                      # CPU defaults (d=1024, 4 micro-batches)
     python benchmarks/bench_scale_vectors.py --strategies standard unified --rounds 5
@@ -14,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--memory-only", help=argparse.SUPPRESS)  # internal: one strategy, print peak memory
+    p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
@@ -113,16 +113,36 @@ def measure_memory_here(args, strategy) -> float:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated())
     _step(model, opt, batches)
-    _step(model, opt, batches)
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    static = 0
+    for p in model.parameters():
+        static += p.numel() * p.element_size()  # parameter
+        static += p.numel() * p.element_size()  # gradient
+        static += sum(v.numel() * v.element_size() for v in opt.state[p].values() if torch.is_tensor(v))
+    return float(static + saved_for_backward_bytes(model, batches[0]))
+
+
+def saved_for_backward_bytes(model, batch) -> int:
+    """Bytes of distinct storages autograd holds for backward after one micro-batch's forward."""
+    storages = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    tokens, labels = batch
+    pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+    loss.backward()
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def main(argv=None):
     args = parse_args(argv)
     _init()
-    if args.memory_only:
-        print(json.dumps({"peak_bytes": measure_memory_here(args, args.memory_only)}))
-        return
     strategies = list(dict.fromkeys(["standard"] + args.strategies))
     from megatron_sv.scale_vectors.stats import parameter_report
 
@@ -130,10 +150,10 @@ def main(argv=None):
     batches = _batches(args)
     params = {s: parameter_report([m]) for s, (m, _) in built.items()}
     for s, (m, o) in built.items():
-        for _ in range(args.warmup):
+        for _ in range(0 if args.skip_timing else args.warmup):
             _step(m, o, batches)
     times = {s: [] for s in strategies}
-    for r in range(args.rounds):
+    for r in range(0 if args.skip_timing else args.rounds):
         for s in strategies:
             m, o = built[s]
             _sync()
@@ -148,13 +168,7 @@ def main(argv=None):
     mem = {}
     if not args.skip_memory:
         for s in strategies:
-            if torch.cuda.is_available():
-                mem[s] = measure_memory_here(args, s)
-            else:
-                cmd = [sys.executable, os.path.abspath(__file__), "--memory-only", s] + _shape_argv(args)
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                     env=dict(os.environ, MASTER_PORT=str(29600 + len(mem))))
-                mem[s] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+            mem[s] = measure_memory_here(args, s)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     tokens = args.micro_batch_size * args.seq_length * args.num_microbatches
@@ -167,26 +181,17 @@ def main(argv=None):
     results = {}
     base_t = times["standard"]
     for s in strategies:
-        ratio = statistics.median(t / b for t, b in zip(times[s], base_t))
+        ratio = statistics.median(t / b for t, b in zip(times[s], base_t)) if base_t else float("nan")
         mratio = (mem[s] / mem["standard"]) if mem else float("nan")
         rep = params[s]
-        print(f"{s:<10} {statistics.median(times[s])*1e3:>9.1f} {ratio:>11.3f}x {mratio:>15.3f}x "
+        ms = statistics.median(times[s]) * 1e3 if times[s] else float("nan")
+        print(f"{s:<10} {ms:>9.1f} {ratio:>11.3f}x {mratio:>15.3f}x "
               f"{rep.scale_vector_params:>10,} {rep.share:>10.2e}")
-        results[s] = dict(ms_per_step=statistics.median(times[s]) * 1e3, time_ratio=ratio, mem_ratio=mratio,
+        results[s] = dict(ms_per_step=ms, time_ratio=ratio, mem_ratio=mratio, peak_bytes=mem.get(s),
                           sv_params=rep.scale_vector_params, tokens_per_step=tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, args=vars(args), results=results), f, indent=1)
-
-
-def _shape_argv(args):
-    out = []
-    for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "vocab_size", "seq_length", "micro_batch_size", "num_microbatches"):
-        out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    if args.bf16:
-        out.append("--bf16")
-    return out
 
 
 if __name__ == "__main__":

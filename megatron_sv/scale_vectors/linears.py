@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from .config import ScaleVectorConfig
 from .folding import FoldLayout, fold_into_weight, recompute_saved_weight
-from .norms import ScaledNorm, normalize, normalize_across_tp
+from .norms import ScaledNorm, scaled_inner_norm
 from .vector import ScaleVector, VectorSpec
 
 BranchLayout = Literal["qkv", "gated_fc1", "fc1"]
@@ -128,12 +128,12 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             part = y[..., start:start + n, :]
             start += n
             if b in self.inner_norm_branches:
+                u = self.output_scales[b]().view(lay.groups, n, lay.rows)
                 if self.branch_layout == "qkv":  # per attention head over head_dim
-                    part = normalize(part, self.norm_kind, self.norm_eps)
+                    part = scaled_inner_norm(part, u, self.norm_kind, self.norm_eps)
                 else:  # over the whole ffn width, identical at any TP degree
-                    part = normalize_across_tp(part, self.norm_kind, self.norm_eps,
-                                               lay.rows * self.tp_size, self.tp_group)
-                part = part * self.output_scales[b]().view(lay.groups, n, lay.rows).to(part.dtype)
+                    part = scaled_inner_norm(part, u, self.norm_kind, self.norm_eps,
+                                             full_width=lay.rows * self.tp_size, group=self.tp_group)
             pieces.append(part)
         return torch.cat(pieces, dim=-2).reshape(shape)
 

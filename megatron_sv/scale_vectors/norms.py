@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Role, ScaleVectorConfig
-from .tp_ops import all_reduce_sum, sum_grad_over_tp
+from .tp_ops import sum_grad_over_tp
 from .vector import GradReduction, ScaleVector, VectorSpec
 
 NORM_KINDS = ("RMSNorm", "LayerNorm")
@@ -45,35 +45,20 @@ def check_norm_kind(kind: str) -> str:
     return kind
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for norm statistics (bf16/fp16 are upcast; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def normalize(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """N(x) over the last dimension, computed in fp32 for stability, returned in x's dtype."""
-    xf = x.float()
+    """N(x) over the last dimension, computed in >= fp32 for stability, returned in x's dtype."""
+    xf = _upcast(x)
     if kind == "RMSNorm":
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     else:
         mean = xf.mean(-1, keepdim=True)
         centered = xf - mean
         y = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
-    return y.to(x.dtype)
-
-
-def normalize_across_tp(x: torch.Tensor, kind: str, eps: float, full_width: int,
-                        group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """N(x) over a last dimension that is sharded over ``group`` (global width ``full_width``).
-
-    The row statistics are all-reduced (forward and backward), so the result is the same function at
-    any TP degree (DNP's gate/up inner norm over the whole ffn width).
-    """
-    xf = x.float()
-    if kind == "RMSNorm":
-        sumsq = all_reduce_sum(xf.square().sum(-1, keepdim=True), group)
-        y = xf * torch.rsqrt(sumsq / full_width + eps)
-    else:
-        stats = torch.cat([xf.sum(-1, keepdim=True), xf.square().sum(-1, keepdim=True)], dim=-1)
-        stats = all_reduce_sum(stats, group) / full_width
-        mean, meansq = stats[..., :1], stats[..., 1:]
-        var = (meansq - mean.square()).clamp_min(0.0)
-        y = (xf - mean) * torch.rsqrt(var + eps)
     return y.to(x.dtype)
 
 
@@ -132,3 +117,68 @@ class ScaledNorm(torch.nn.Module):
             out.update(make_sharded_tensors_for_checkpoint(
                 {"bias": self.bias}, prefix, {}, sharded_offsets, tp_group=self.tp_group, **kwargs))
         return out
+
+
+class _ScaledInnerNorm(torch.autograd.Function):
+    """z = u * N(x) over the last dimension (optionally sharded over ``group``), memory-lean.
+
+    Autograd on the plain formula would keep several full-size intermediates (fp32 copy, squares,
+    normalized values) alive until backward; this saves only x, u and the per-row statistics and
+    recomputes N(x) in backward, which is what keeps DNP's activation memory close to `standard`'s.
+    """
+
+    @staticmethod
+    def _stats(xf, kind, eps, width, group):
+        if kind == "RMSNorm":
+            sums = xf.square().sum(-1, keepdim=True)
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            return None, torch.rsqrt(sums / width + eps)
+        sums = torch.cat([xf.sum(-1, keepdim=True), xf.square().sum(-1, keepdim=True)], dim=-1)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        mean, meansq = sums[..., :1] / width, sums[..., 1:] / width
+        return mean, torch.rsqrt((meansq - mean.square()).clamp_min(0.0) + eps)
+
+    @staticmethod
+    def forward(ctx, x, u, kind, eps, width, group):
+        xf = _upcast(x)
+        mean, rstd = _ScaledInnerNorm._stats(xf, kind, eps, width, group)
+        n = (xf - mean) * rstd if mean is not None else xf * rstd
+        ctx.kind, ctx.width, ctx.group = kind, width, group
+        ctx.save_for_backward(x, u, mean if mean is not None else rstd.new_empty(0), rstd)
+        return (n * _upcast(u)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, u, mean, rstd = ctx.saved_tensors
+        xf, gz, uf = _upcast(x), _upcast(grad_z), _upcast(u)
+        n = (xf - mean) * rstd if mean.numel() else xf * rstd
+        grad_u = None
+        if ctx.needs_input_grad[1]:
+            grad_u = (gz * n).reshape(-1, *u.shape).sum(0).to(u.dtype) if u.dim() else (gz * n).sum()
+        gn = gz * uf
+        if ctx.kind == "RMSNorm":
+            dot = (gn * n).sum(-1, keepdim=True)
+            if ctx.group is not None:
+                dist.all_reduce(dot, group=ctx.group)
+            grad_x = rstd * (gn - n * dot / ctx.width)
+        else:
+            sums = torch.cat([gn.sum(-1, keepdim=True), (gn * n).sum(-1, keepdim=True)], dim=-1)
+            if ctx.group is not None:
+                dist.all_reduce(sums, group=ctx.group)
+            grad_x = rstd * (gn - sums[..., :1] / ctx.width - n * sums[..., 1:] / ctx.width)
+        return grad_x.to(x.dtype), grad_u, None, None, None, None
+
+
+def scaled_inner_norm(x: torch.Tensor, u: torch.Tensor, kind: str, eps: float, full_width: Optional[int] = None,
+                      group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """u * N(x) with N over the last dimension; ``u`` broadcasts against x's trailing dimensions.
+
+    With ``group`` the last dimension is a shard of a row of global width ``full_width`` and the row
+    statistics are all-reduced, so the result does not depend on the TP degree.
+    """
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
+    width = full_width if full_width is not None else x.shape[-1]
+    return _ScaledInnerNorm.apply(x, u, kind, eps, width, group)

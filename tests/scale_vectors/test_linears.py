@@ -90,3 +90,20 @@ def test_qkv_needs_divisible_query_groups(megatron_single_rank):
     with pytest.raises(ValueError, match="unknown branch layout"):
         ScaledColumnParallelLinear(H, 3 * H, config=cfg, init_method=cfg.init_method, bias=False,
                                    sv=strategy_config("hg"), branch_layout="qkvo")
+
+
+@pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
+def test_scaled_inner_norm_matches_autograd_formula(kind):
+    from megatron_sv.scale_vectors.norms import scaled_inner_norm
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = (0.5 + torch.rand(4, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    dz = torch.randn(3, 2, 4, 6, generator=gen, dtype=torch.float64)
+    z = scaled_inner_norm(x, u, kind, 1e-5)
+    ref = normalize(x, kind, 1e-5) * u
+    torch.testing.assert_close(z, ref)
+    got = torch.autograd.grad((z * dz).sum(), (x, u))
+    want = torch.autograd.grad((ref * dz).sum(), (x, u))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
