@@ -6,6 +6,9 @@ setup(
     description="Megatron-Core fork with scale-vector improvements (HG, DNP, OR/ER, IWD, unified)",
     packages=find_packages(include=["megatron_sv", "megatron_sv.*"]),
     py_modules=["pretrain_gpt_sv"],
+    # modeling code copied next to exported dnp/unified checkpoints (trust_remote_code)
+    package_data={"megatron_sv.conversion": ["remote_code/*.py"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         # unpinned so an installed CPU or CUDA build is kept
