@@ -143,3 +143,26 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
     assert sorted(got) == [4, 5]
     for i in got:
         assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
+
+
+def test_async_save_and_exit_duration(tmp_path):
+    """--async-save writes the tracker only once the background save is finalized, and the checkpoint
+    resumes bit-exactly; --exit-duration-in-mins stops with a checkpoint at the next iteration."""
+    full = _run_layout(tmp_path, "full", [], 1, iters=4)
+    ckpt = str(tmp_path / "ckpt")
+    part = str(tmp_path / "part.jsonl")
+    args = [*TINY, "--train-iters", "4", "--save", ckpt, "--load", ckpt, "--metrics-file", part,
+            "--async-save", "--save-interval", "2"]
+    check(run([*args, "--exit-interval", "2"], nproc=1))
+    assert read_tracker(ckpt) == 2
+    check(run(args, nproc=1))
+    resumed = losses(part)
+    assert [resumed[i] for i in (3, 4)] == [full[i] for i in (3, 4)]
+    assert read_tracker(ckpt) == 4
+
+    timed = str(tmp_path / "timed")
+    out = check(run([*TINY, "--train-iters", "1000", "--save", timed, "--exit-duration-in-mins", "0.0001",
+                     "--metrics-file", str(tmp_path / "timed.jsonl")], nproc=1)).stdout
+    stopped = read_tracker(timed)
+    assert stopped is not None and stopped < 1000
+    assert "--exit-duration-in-mins" in out
