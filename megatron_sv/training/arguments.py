@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine)")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
+                        "and fused norm+linear for `standard` (CUDA + Transformer Engine)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None, help="prefixes, or 'weight prefix' pairs")
@@ -280,14 +285,22 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     # precision
     import torch
-    if args.fp8_format is not None:
-        if not torch.cuda.is_available():
-            _fail("--fp8-format needs NVIDIA GPUs with Transformer Engine; no GPU is available here")
+    if args.transformer_impl == "transformer_engine":
+        from megatron_sv.scale_vectors.te_linears import TransformerEngineUnavailable, require_transformer_engine
+
         try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            _fail("--fp8-format needs Transformer Engine (pip install transformer-engine[pytorch])")
-        _fail("--fp8-format: the Transformer Engine layer specs are not wired into this entry point yet")
+            require_transformer_engine()
+        except TransformerEngineUnavailable as e:
+            _fail(f"--transformer-impl transformer_engine: {e}")
+        if args.num_experts:
+            _fail("--transformer-impl transformer_engine does not support MoE (--num-experts) yet; "
+                  "use --transformer-impl local")
+    if args.fp8_format is not None:
+        if args.transformer_impl != "transformer_engine":
+            _fail("--fp8-format needs --transformer-impl transformer_engine (NVIDIA GPUs with Transformer "
+                  "Engine); the local backend has no FP8 GEMMs")
+        if not args.bf16:
+            _fail("--fp8-format needs --bf16 (FP8 GEMMs with bf16 activations and master weights in fp32)")
     if args.bf16 and not torch.cuda.is_available():
         pass  # bf16 runs on CPU too (slow); allowed for smoke tests
 

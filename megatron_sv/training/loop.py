@@ -85,8 +85,9 @@ class Trainer:
         )
         layout = ParallelLayout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                 a.sequence_parallel, a.expert_model_parallel_size, a.bf16)
-        self.config = transformer_config(shape, layout)
-        model = build_gpt_model(shape, a.sv_config, self.config)
+        fp8 = dict(fp8=a.fp8_format, fp8_recipe=a.fp8_recipe) if a.fp8_format else {}
+        self.config = transformer_config(shape, layout, **fp8)
+        model = build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl)
         model.to(self.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,

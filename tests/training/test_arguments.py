@@ -37,7 +37,8 @@ def test_derived_values():
     (["--lr-decay-style", "wsd"], 1, "needs --lr-wsd-decay-iters"),
     (["--min-lr", "1.0"], 1, "--min-lr"),
     (["--optimizer", "muon"], 1, "emerging-optimizers"),
-    (["--fp8-format", "hybrid"], 1, "--fp8-format"),
+    (["--fp8-format", "hybrid"], 1, "--fp8-format needs --transformer-impl transformer_engine"),
+    (["--transformer-impl", "transformer_engine"], 1, "--transformer-impl transformer_engine: "),
     (["--scale-vector-strategy", "none", "--sv-placement", "dual"], 1, "scale vectors are disabled"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
 ])
