@@ -46,22 +46,35 @@ def _save_and_logits(model, path):
     return full_logits(model)
 
 
-def _train_and_save(rank, world_size, strategy, moe, parallel, run_kwargs, path):
-    res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
-                      steps=2, finish=functools.partial(_save_and_logits, path=path), **run_kwargs)
-    return res["finish"]
+STRATEGIES = ["dp", "unified"]
 
 
-def _load_at_tp1(rank, world_size, strategy, moe, path):
+def _train_and_save(rank, world_size, moe, parallel, run_kwargs, root):
+    from megatron_sv.platform import destroy_distributed
+
+    out = {}
+    for strategy in STRATEGIES:  # one spawned job for all strategies (start-up dominates)
+        res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
+                          steps=2, finish=functools.partial(_save_and_logits, path=f"{root}/{strategy}"),
+                          keep_process_group=True, **run_kwargs)
+        out[strategy] = res["finish"]
+    destroy_distributed()
+    return out
+
+
+def _load_at_tp1(rank, world_size, moe, root):
     from megatron.core import dist_checkpointing
 
     from megatron_sv.platform import destroy_distributed, initialize_distributed
 
     initialize_distributed(seed=99)
     try:
-        _, model = build_sv_model({}, strategy, moe=moe, seed=99)  # different init: all must come from disk
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
-        return full_logits(model)
+        out = {}
+        for strategy in STRATEGIES:
+            _, model = build_sv_model({}, strategy, moe=moe, seed=99)  # different init: all from disk
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{root}/{strategy}"))
+            out[strategy] = full_logits(model)
+        return out
     finally:
         destroy_distributed()
 
@@ -74,14 +87,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("strategy", ["dp", "unified"])
-def test_checkpoint_saved_sharded_loads_at_tp1(tmp_path, case, strategy):
+def test_checkpoint_saved_sharded_loads_at_tp1(tmp_path, case):
     parallel, run_kwargs, moe = CASES[case]
-    path = str(tmp_path / "ckpt")
-    saved = run_distributed(_train_and_save, world_size=2,
-                            args=(strategy, moe, parallel, run_kwargs, path), timeout=600)
-    before = saved[-1]  # the last rank holds the last stage's logits
-    assert before is not None
-    after = run_distributed(_load_at_tp1, world_size=1, args=(strategy, moe, path), timeout=600)[0]
-    assert torch.equal(after, before) or torch.allclose(after, before, rtol=0, atol=1e-6), \
-        (after - before).abs().max()
+    root = str(tmp_path / "ckpt")
+    saved = run_distributed(_train_and_save, world_size=2, args=(moe, parallel, run_kwargs, root), timeout=600)
+    loaded = run_distributed(_load_at_tp1, world_size=1, args=(moe, root), timeout=600)[0]
+    for strategy in STRATEGIES:
+        before = saved[-1][strategy]  # the last rank holds the last stage's logits
+        after = loaded[strategy]
+        assert before is not None
+        assert torch.allclose(after, before, rtol=0, atol=1e-6), (strategy, (after - before).abs().max())
