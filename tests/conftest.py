@@ -4,3 +4,25 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def megatron_single_rank():
+    """Megatron-Core parallel state on one in-process rank (gloo on CPU, NCCL on a GPU), TP=PP=EP=1."""
+    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from tests.helpers.distributed import find_free_port
+
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    initialize_distributed(seed=1234)
+    yield
+    destroy_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

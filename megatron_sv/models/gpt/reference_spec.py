@@ -23,27 +23,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
-    get_transformer_layer_offset,
 )
 
 from megatron_sv.models.gpt.norm import SPNorm
+from megatron_sv.models.gpt.seeding import SeededTransformerLayer
 from megatron_sv.platform.attention import SDPACoreAttention
-
-
-class SeededTransformerLayer(TransformerLayer):
-    """A TransformerLayer whose weights are drawn from ``init_seed + global layer number``.
-
-    With ``use_cpu_initialization`` Megatron draws every weight from the CPU generator in
-    construction order, so a pipeline stage that starts at layer k would draw layer k's weights
-    from a different generator state than a single stage does. Re-seeding per layer makes the
-    initial weights independent of the TP/PP/EP layout (for parity tests and ablations)."""
-
-    def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0, **kwargs):
-        import torch
-
-        offset = get_transformer_layer_offset(config, vp_stage=kwargs.get("vp_stage"))
-        torch.manual_seed(init_seed + 1009 * (layer_number + offset))
-        super().__init__(config, submodules, layer_number, *args, **kwargs)
 
 
 def get_reference_mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
