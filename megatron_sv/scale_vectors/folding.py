@@ -54,6 +54,8 @@ class FoldScaleVectors(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_eff):
+        # Passes over |W|: grad_w 1-2 writes, g*W 1 write, the vector gradients are contractions of g*W
+        # (einsum, no weight-sized temporaries).
         weight, in_scales, out_scales = ctx.saved_tensors
         lay = ctx.layout
         g = grad_eff.reshape(lay.groups, lay.slots, lay.rows, weight.shape[-1])
@@ -66,14 +68,16 @@ class FoldScaleVectors(torch.autograd.Function):
             if out_scales is not None:
                 gw = gw * out_scales[..., None]
             grad_w = gw.reshape(weight.shape)
-        if in_scales is not None and ctx.needs_input_grad[1]:
-            gu = g * w
-            if out_scales is not None:
-                gu = gu * out_scales[..., None]
-            grad_in = gu.sum(dim=(0, 2))
-        if out_scales is not None and ctx.needs_input_grad[2]:
-            gw_in = w if in_scales is None else w * in_scales[None, :, None, :]
-            grad_out = (g * gw_in).sum(dim=-1)
+        need_in = in_scales is not None and ctx.needs_input_grad[1]
+        need_out = out_scales is not None and ctx.needs_input_grad[2]
+        if need_in or need_out:
+            g_times_w = g * w
+            if need_in:
+                grad_in = (torch.einsum("gsrd,gsr->sd", g_times_w, out_scales) if out_scales is not None
+                           else g_times_w.sum(dim=(0, 2)))
+            if need_out:
+                grad_out = (torch.einsum("gsrd,sd->gsr", g_times_w, in_scales) if in_scales is not None
+                            else g_times_w.sum(dim=-1))
         return grad_w, grad_in, grad_out, None
 
 
