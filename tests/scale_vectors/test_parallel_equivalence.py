@@ -97,11 +97,20 @@ def test_replicated_vector_grads_equal_on_tp_ranks(dense_results, layout, strate
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["hg", "unified"])
-def test_moe_ep2_matches_ep1(strategy):
-    ep1 = run_distributed(_job, world_size=1, args=([("ep1", strategy, True, REFERENCE)],), timeout=600)[0]
-    ep2 = run_distributed(_job, world_size=2,
-                          args=([("ep2", strategy, True, dict(parallel={"ep": 2}, micro_batch_size=1,
-                                                             num_microbatches=1))],), timeout=600)
-    torch.testing.assert_close(torch.tensor(ep2[0]["ep2"]["losses"]), torch.tensor(ep1["ep1"]["losses"]),
+@pytest.fixture(scope="module")
+def moe_results():
+    ep1 = run_distributed(_job, world_size=1, args=([(("ep1", s), s, True, REFERENCE) for s in STRATEGIES],),
+                          timeout=600)[0]
+    ep2_kwargs = dict(parallel={"ep": 2}, micro_batch_size=1, num_microbatches=1)
+    ep2 = run_distributed(_job, world_size=2, args=([(("ep2", s), s, True, ep2_kwargs) for s in STRATEGIES],),
+                          timeout=900)
+    return ep1, ep2
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_moe_ep2_matches_ep1(moe_results, strategy):
+    ep1, ep2 = moe_results
+    expected = ep1[("ep1", strategy)]["losses"]
+    assert expected[0] != expected[-1]
+    torch.testing.assert_close(torch.tensor(ep2[0][("ep2", strategy)]["losses"]), torch.tensor(expected),
                                rtol=2e-5, atol=2e-6)
