@@ -118,24 +118,26 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
 
     # -- DNP inner norms --------------------------------------------------------------------------
     def _inner_norm_and_scale(self, out: torch.Tensor) -> torch.Tensor:
+        """u_b * N_b on the inner-norm branches, in one call over the whole fused output (no split and
+        re-join, so the result is the tensor the next op keeps; see norms.scaled_inner_norm)."""
         lay = self.layout
-        shape = out.shape
-        y = out.view(*shape[:-1], lay.groups, lay.slots, lay.rows)
-        pieces = []
-        start = 0
+        y = out.view(*out.shape[:-1], lay.groups, lay.slots, lay.rows)
+        u_parts, active = [], []
         for b in self.branches:
             n = self.slot_branch.count(b)
-            part = y[..., start:start + n, :]
-            start += n
             if b in self.inner_norm_branches:
-                u = self.output_scales[b]().view(lay.groups, n, lay.rows)
-                if self.branch_layout == "qkv":  # per attention head over head_dim
-                    part = scaled_inner_norm(part, u, self.norm_kind, self.norm_eps)
-                else:  # over the whole ffn width, identical at any TP degree
-                    part = scaled_inner_norm(part, u, self.norm_kind, self.norm_eps,
-                                             full_width=lay.rows * self.tp_size, group=self.tp_group)
-            pieces.append(part)
-        return torch.cat(pieces, dim=-2).reshape(shape)
+                u_parts.append(self.output_scales[b]().view(lay.groups, n, lay.rows))
+            else:  # folded into the weight already (v under DNP): passes through
+                u_parts.append(torch.ones(lay.groups, n, lay.rows, dtype=self.weight.dtype, device=out.device))
+            active += [b in self.inner_norm_branches] * n
+        u = torch.cat(u_parts, dim=1) if len(u_parts) > 1 else u_parts[0]
+        mask = None if all(active) else torch.tensor(active, device=out.device).view(lay.slots, 1)
+        if self.branch_layout == "qkv":  # per attention head over head_dim
+            z = scaled_inner_norm(y, u, self.norm_kind, self.norm_eps, active=mask)
+        else:  # over the whole ffn width, identical at any TP degree
+            z = scaled_inner_norm(y, u, self.norm_kind, self.norm_eps, full_width=lay.rows * self.tp_size,
+                                  group=self.tp_group, active=mask)
+        return z.view(out.shape)
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):

@@ -17,7 +17,7 @@ def _randomize_vectors(layer, gen):
         vec.set_value(0.5 + torch.rand(vec.local_size, generator=gen))
 
 
-def _qkv_reference(layer, x, placement):
+def _qkv_reference(layer, x, placement, kind="RMSNorm"):
     """Each branch on its own: q/k/v rows of each group read x * gamma_b; DP scales rows by u_b;
     DNP normalizes every q/k head over head_dim before u_b."""
     qpg = NH // NG
@@ -35,17 +35,18 @@ def _qkv_reference(layer, x, placement):
                 else:
                     uu = u[b].view(NG, HN)[grp]
                 if placement == "dual_norm" and b in ("q", "k"):
-                    y = normalize(y, "RMSNorm", 1e-5)
+                    y = normalize(y, kind, 1e-5)
                 y = y * uu
             outs.append(y)
     return torch.cat(outs, dim=-1)
 
 
+@pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
 @pytest.mark.parametrize("strategy", ["hg", "dp", "dnp", "unified"])
-def test_qkv_fold_equals_unfolded_reference(megatron_single_rank, strategy):
+def test_qkv_fold_equals_unfolded_reference(megatron_single_rank, strategy, kind):
     sv = strategy_config(strategy)
     shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG,
-                     vocab_size=32, seq_length=8)
+                     vocab_size=32, seq_length=8, normalization=kind)
     cfg = transformer_config(shape)
     torch.manual_seed(0)
     layer = ScaledColumnParallelLinear(H, (NH + 2 * NG) * HN, config=cfg, init_method=cfg.init_method,
@@ -58,7 +59,7 @@ def test_qkv_fold_equals_unfolded_reference(megatron_single_rank, strategy):
 
     out, _ = layer(x)
     grads = torch.autograd.grad((out * dy).sum(), params)
-    ref = _qkv_reference(layer, x, sv.placement)
+    ref = _qkv_reference(layer, x, sv.placement, kind)
     ref_grads = torch.autograd.grad((ref * dy).sum(), params)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for (name, _), a, b in zip(layer.named_parameters(), grads, ref_grads):
@@ -105,5 +106,21 @@ def test_scaled_inner_norm_matches_autograd_formula(kind):
     torch.testing.assert_close(z, ref)
     got = torch.autograd.grad((z * dz).sum(), (x, u))
     want = torch.autograd.grad((ref * dz).sum(), (x, u))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
+def test_scaled_inner_norm_with_tiny_scale_falls_back_to_input(kind):
+    from megatron_sv.scale_vectors.norms import scaled_inner_norm
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(8, generator=gen, dtype=torch.float64)
+    u[3] = 0.0  # N(x) cannot be recovered from the output in this channel
+    u.requires_grad_()
+    dz = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((scaled_inner_norm(x, u, kind, 1e-5) * dz).sum(), (x, u))
+    want = torch.autograd.grad(((normalize(x, kind, 1e-5) * u) * dz).sum(), (x, u))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
