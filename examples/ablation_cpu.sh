@@ -1,5 +1,5 @@
 #!/bin/bash
-# Reproduce docs/results/ablation_cpu/ from scratch on a CPU machine (2 cores; ~45 min when not shared).
+# Reproduce docs/results/ablation_cpu/ from scratch on a CPU machine (2 cores; 36 runs, ~40-50 min).
 #
 #   bash examples/ablation_cpu.sh
 #
@@ -18,7 +18,7 @@ OUT="${OUT:-runs/ablation_cpu}"
 RESULTS="${RESULTS:-docs/results/ablation_cpu}"
 SEEDS="${SEEDS:-1 2 3}"
 ITERS="${ITERS:-150}"
-WD_SEEDS="${WD_SEEDS:-1 2}"
+WD_SEEDS="${WD_SEEDS:-1 2 3}"
 export PYTHONWARNINGS=ignore TORCHINDUCTOR_COMPILE_THREADS=1
 T0=$(date +%s)
 

@@ -446,7 +446,8 @@ def build_report(runs_root: str, out_dir: str, last_n: int = 20, references=("st
     order = {c: i for i, c in enumerate(["standard", "none", "hg", "dp", "dnp", "or", "er", "iwd", "unified",
                                           "standard+qk"])}
     main_rows.sort(key=lambda r: (order.get(r["config"], 99), r["config"]))
-    wd_rows.sort(key=lambda r: r["config"])
+    wd_order = {p: i for i, p in enumerate(["megatron", "all", "none", "iwd"])}
+    wd_rows.sort(key=lambda r: (wd_order.get(r["config"][len(WD_PREFIX):], 99), r["config"]))
     refs_present = [r for r in references if r in data]
 
     md = [f"# Ablation results ({os.path.relpath(runs_root)})", "",
