@@ -280,6 +280,45 @@ def patch_distrib_optimizer_build_model_and_main_param_groups():
     cls.__init__ = _report_cpu_tensors_as_cuda(cls.__init__)
 
 
+def patch_distrib_optimizer_get_parameter_state_dp_zero():
+    """DistributedOptimizer.get_parameter_state_dp_zero(use_gloo_comm=False) (the gather behind the
+    'fully_reshardable' checkpoint format) moves its send buffer with Tensor.cuda(); on CPU every group
+    is gloo anyway, so take the gloo path it already has."""
+    mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = mod.DistributedOptimizer
+    original = cls.get_parameter_state_dp_zero
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def get_parameter_state_dp_zero(self, use_gloo_comm: bool = True, *args, **kwargs):
+        return original(self, True, *args, **kwargs)
+
+    setattr(get_parameter_state_dp_zero, _PATCHED_MARK, True)
+    cls.get_parameter_state_dp_zero = get_parameter_state_dp_zero
+
+
+def patch_distrib_optimizer_set_main_param_and_optimizer_states():
+    """Without Apex/TE the inner optimizer is torch Adam, whose per-parameter state also holds 'step';
+    the 'fully_reshardable' checkpoint stores only param/exp_avg/exp_avg_sq, and
+    _set_main_param_and_optimizer_states raises KeyError('step') on load. Keep the keys the checkpoint
+    does not carry (the step is restored from the param groups, see megatron_sv.checkpointing)."""
+    mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = mod.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        current = self._get_main_param_and_optimizer_states(model_param)
+        kept = {k: v for k, v in current.items() if k not in tensors}
+        return original(self, model_param, {**kept, **tensors})
+
+    setattr(_set_main_param_and_optimizer_states, _PATCHED_MARK, True)
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
 def patch_float16_optimizer_init():
     """Float16OptimizerWithFloat16Params.__init__ (bf16/fp16 training) checks param.type()."""
     mod = importlib.import_module("megatron.core.optimizer.optimizer")
@@ -398,6 +437,8 @@ CPU_PATCHES: Dict[str, Callable[[], None]] = {
     "clip_grads.clip_grad_by_total_norm_fp32": patch_clip_grad_by_total_norm_fp32,
     "distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups":
         patch_distrib_optimizer_build_model_and_main_param_groups,
+    "distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero":
+        patch_distrib_optimizer_get_parameter_state_dp_zero,
     "optimizer.Float16OptimizerWithFloat16Params.__init__": patch_float16_optimizer_init,
     "tensor_parallel.random.initialize_rng_tracker": patch_initialize_rng_tracker,
     "moe_utils.te_general_gemm": patch_moe_utils_te_general_gemm,
@@ -406,6 +447,8 @@ CPU_PATCHES: Dict[str, Callable[[], None]] = {
 # Needed wherever Transformer Engine is missing, GPUs included.
 NO_TE_PATCHES: Dict[str, Callable[[], None]] = {
     "moe_utils.te_general_gemm": patch_moe_utils_te_general_gemm,
+    "distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states":
+        patch_distrib_optimizer_set_main_param_and_optimizer_states,
 }
 
 _installed = False

@@ -126,9 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-ckpt-optim-format", default=None,
                    choices=["fully_reshardable", "dp_reshardable"],
                    help="distributed-optimizer state: fully_reshardable (loads at any TP/PP/DP layout; "
-                        "gathers per DP group at save) or dp_reshardable (parallel save, reshards over DP only). Default: "
-                        "fully_reshardable on GPUs; dp_reshardable on CPU, where megatron-core 0.16.1's gather "
-                        "for fully_reshardable calls .cuda()")
+                        "gathers per DP group at save; the default) or dp_reshardable (parallel save, reshards over "
+                        "DP only)")
     g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
@@ -352,7 +351,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         _fail("--exit-duration-in-mins must be positive")
     if args.dist_ckpt_optim_format is None:
-        args.dist_ckpt_optim_format = "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"
+        args.dist_ckpt_optim_format = "fully_reshardable"
     if args.finetune and not args.load:
         _fail("--finetune needs --load")
     try:

@@ -122,9 +122,8 @@ def test_validation_and_tensorboard(tmp_path):
 
 
 def test_distributed_optimizer_resume_and_reshard(tmp_path):
-    """DP2 with the distributed optimizer: exact resume, and its checkpoint resumed on one rank (DP1).
-    On CPU the default format is dp_reshardable (megatron-core 0.16.1's fully_reshardable gather calls
-    .cuda()), which reshards across DP only."""
+    """DP2 with the distributed optimizer: exact resume, and its checkpoint (fully_reshardable format)
+    resumed on one rank (DP1) and at TP2 (model and optimizer state resharded)."""
     layout = ["--use-distributed-optimizer"]
     full = _run_layout(tmp_path, "full", layout, 2, iters=5)
     ckpt = str(tmp_path / "ckpt")
@@ -140,6 +139,13 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
     check(run([*TINY, *layout, "--train-iters", "5",
                "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp], nproc=1))
     got = losses(tp)
+    assert sorted(got) == [4, 5]
+    for i in got:
+        assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
+    tp2 = str(tmp_path / "tp2.jsonl")
+    check(run([*TINY, *layout, "--tensor-model-parallel-size", "2", "--train-iters", "5",
+               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp2]))
+    got = losses(tp2)
     assert sorted(got) == [4, 5]
     for i in got:
         assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
