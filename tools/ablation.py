@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ["none", "standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]

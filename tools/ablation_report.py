@@ -22,7 +22,6 @@ import argparse
 import csv
 import glob
 import json
-import math
 import os
 import re
 import statistics

@@ -19,7 +19,7 @@ removing an inner norm N_b, or dropping a learnable Output-Norm scale (QK-norm, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -9,7 +9,7 @@ check both directions). The target layout only decides the vocabulary padding an
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, Optional, Set
 
 import torch
 

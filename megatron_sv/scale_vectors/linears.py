@@ -14,7 +14,7 @@ global order, so checkpoints reshard along axis 0 exactly like the weight rows t
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Optional, Tuple
+from typing import Literal, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -172,6 +172,19 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         return out
 
 
+def make_post_norm(config, output_size: int, sv: ScaleVectorConfig, tp_group) -> ScaledNorm:
+    """The Output-Norm after a row-parallel map (shared by the local and Transformer Engine backends)."""
+    return ScaledNorm(config, output_size, config.layernorm_epsilon, sv=sv, has_scale=True, role="output",
+                      input_split="sequence", tp_group=tp_group)
+
+
+def apply_post_norm(post_norm: ScaledNorm, out: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Normalize the sub-layer's complete output (bias included); returns (output, None)."""
+    if bias is not None:
+        out = out + bias
+    return post_norm(out), None
+
+
 class PostNormRowParallelLinear(RowParallelLinear):
     """RowParallelLinear followed by a post-sub-layer norm (Gemma / Peri-LN): an Output-Norm.
 
@@ -181,14 +194,10 @@ class PostNormRowParallelLinear(RowParallelLinear):
 
     def __init__(self, input_size, output_size, *, config, sv: ScaleVectorConfig, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
-        self.post_norm = ScaledNorm(config, output_size, config.layernorm_epsilon, sv=sv, has_scale=True,
-                                    role="output", input_split="sequence", tp_group=self.tp_group)
+        self.post_norm = make_post_norm(config, output_size, sv, self.tp_group)
 
     def forward(self, input_):
-        out, bias = super().forward(input_)
-        if bias is not None:
-            out, bias = out + bias, None
-        return self.post_norm(out), bias
+        return apply_post_norm(self.post_norm, *super().forward(input_))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}

@@ -258,8 +258,7 @@ def te_classes():
 
     from megatron.core.extensions import transformer_engine as mte
 
-    from .linears import ScaledColumnParallelLinear
-    from .norms import ScaledNorm
+    from .linears import ScaledColumnParallelLinear, apply_post_norm, make_post_norm
     from .vector import ScaleVector, VectorSpec
 
     class SVTELayerNormColumnParallelLinear(mte.TELayerNormColumnParallelLinear):
@@ -360,14 +359,10 @@ def te_classes():
 
         def __init__(self, input_size, output_size, *, config, sv, **kwargs):
             super().__init__(input_size, output_size, config=config, **kwargs)
-            self.post_norm = ScaledNorm(config, output_size, config.layernorm_epsilon, sv=sv, has_scale=True,
-                                        role="output", input_split="sequence", tp_group=self._tp_group)
+            self.post_norm = make_post_norm(config, output_size, sv, self._tp_group)
 
         def forward(self, x):
-            out, bias = super().forward(x)
-            if bias is not None:
-                out, bias = out + bias, None
-            return self.post_norm(out), bias
+            return apply_post_norm(self.post_norm, *super().forward(x))
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             out = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from tests.conversion.helpers import STRATEGIES, hf_logits, load_hf, make_sources
 from tests.helpers.distributed import run_distributed

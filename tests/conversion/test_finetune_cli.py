@@ -13,7 +13,7 @@ from tests.training.cli import ROOT, check, env, read_metrics, run
 
 def test_imported_checkpoint_finetunes_with_pretrain_cli(tmp_path):
     hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
-    model = tiny_hf("llama", hf_dir, vocab=100)
+    tiny_hf("llama", hf_dir, vocab=100)
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "import", "--hf-dir",
                     hf_dir, "--save", ckpt, "--strategy", "hg", "--seq-length", "16"],
                    check=True, cwd=ROOT, env=env(), capture_output=True, text=True)

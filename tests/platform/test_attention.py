@@ -1,7 +1,6 @@
 """SDPACoreAttention against a naive softmax(Q K^T / sqrt(d)) V, causal, with GQA."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-import torch
 
 from megatron_sv.models.gpt.model import GPTShape, build_gpt_model, transformer_config
 from megatron_sv.scale_vectors.config import strategy_config

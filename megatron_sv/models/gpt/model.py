@@ -7,7 +7,7 @@ parallel sizes; ``transformer_config`` turns both into Megatron's TransformerCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -32,7 +32,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_sv.models.gpt.seeding import SeededTransformerLayer
 from megatron_sv.platform.attention import SDPACoreAttention
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
-from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
+from megatron_sv.scale_vectors.linears import (
+    PostNormRowParallelLinear,
+    ScaledColumnParallelLinear,
+    apply_post_norm,
+    make_post_norm,
+)
 from megatron_sv.scale_vectors.norms import ScaledNorm
 from megatron_sv.scale_vectors.router import ScaledTopKRouter
 
@@ -87,14 +92,10 @@ class PostNormMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, *, sv):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
-        self.post_norm = ScaledNorm(config, config.hidden_size, config.layernorm_epsilon, sv=sv,
-                                    has_scale=True, role="output", input_split="sequence")
+        self.post_norm = make_post_norm(config, config.hidden_size, sv, tp_group=None)
 
     def forward(self, hidden_states, *args, **kwargs):
-        out, bias = super().forward(hidden_states, *args, **kwargs)
-        if bias is not None:
-            out, bias = out + bias, None
-        return self.post_norm(out), bias
+        return apply_post_norm(self.post_norm, *super().forward(hidden_states, *args, **kwargs))
 
 
 def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
