@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fold-once-per-step", action="store_true",
+                   help="also time each folding strategy with --sv-fold-once-per-step (suffix '+step')")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
@@ -84,7 +86,8 @@ def _build(args, strategy):
         model = build_reference_gpt(cfg, vocab_size=args.vocab_size, max_sequence_length=args.seq_length)
     else:
         cfg = transformer_config(shape, ParallelLayout(bf16=args.bf16))
-        model = build_gpt_model(shape, strategy_config(strategy), cfg)
+        name, _, mode = strategy.partition("+")
+        model = build_gpt_model(shape, strategy_config(name, fold_once_per_step=(mode == "step")), cfg)
     if torch.cuda.is_available():
         model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -102,11 +105,14 @@ def _batches(args):
 
 
 def _step(model, opt, batches):
+    from megatron_sv.scale_vectors.linears import flush_step_folds
+
     pos = torch.arange(batches[0][0].shape[1], device=batches[0][0].device)[None]
     opt.zero_grad(set_to_none=True)
     for tokens, labels in batches:
         loss = model(tokens, pos, None, labels=labels).float().mean() / len(batches)
         loss.backward()
+    flush_step_folds([model])  # no-op unless folding once per step
     opt.step()
 
 
@@ -132,6 +138,10 @@ def measure_memory_here(args, strategy) -> float:
         static += p.numel() * p.element_size()  # parameter
         static += p.numel() * p.element_size()  # gradient
         static += sum(v.numel() * v.element_size() for v in opt.state[p].values() if torch.is_tensor(v))
+    for m in model.modules():  # fold once per step: the folded leaf and its accumulated gradient
+        leaf = getattr(m, "_step_fold", None)
+        if leaf is not None:
+            static += 2 * leaf.numel() * leaf.element_size()
     return float(static + saved_for_backward_bytes(model, batches[0]))
 
 
@@ -158,6 +168,9 @@ def main(argv=None):
     args = parse_args(argv)
     _init()
     strategies = list(dict.fromkeys(["standard"] + args.strategies))
+    if args.fold_once_per_step:
+        strategies += [f"{s}+step" for s in strategies if s not in ("standard", "none", "or", "er", "iwd",
+                                                                   MEGATRON_REFERENCE)]
     from megatron_sv.scale_vectors.stats import parameter_report
 
     built = {s: _build(args, s) for s in strategies}

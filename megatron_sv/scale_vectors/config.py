@@ -43,6 +43,9 @@ class ScaleVectorConfig:
     reparam: Reparam = "none"
     weight_decay_policy: WeightDecayPolicy = "megatron"
     final_norm_role: Role = "input"
+    # Performance switch, not part of the method: fold W_eff once per optimizer step instead of once per
+    # micro-batch (faster with several micro-batches; costs two weight-sized buffers per folded linear).
+    fold_once_per_step: bool = False
 
     def __post_init__(self):
         _check_choice("placement", self.placement, PLACEMENTS)

@@ -34,6 +34,9 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
                  branch_layout: BranchLayout, **kwargs):
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
         self.sv = sv
+        # fold once per optimizer step (see forward); the folded leaf and the parameter versions it is for
+        self._step_fold: Optional[torch.Tensor] = None
+        self._step_fold_key = None
         self.branch_layout = branch_layout
         tp = self.tp_group.size() if self.tp_group is not None else 1
         self.tp_size = tp
@@ -145,12 +148,15 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("ScaledColumnParallelLinear folds its own weight; do not pass one")
         if runtime_gather_output:
             raise ValueError("ScaledColumnParallelLinear returns TP-local outputs")
-        w_eff = self.folded_weight()
-        if w_eff is self.weight:
-            out, bias = super().forward(input_)
+        if self.sv.fold_once_per_step and torch.is_grad_enabled() and self._folds():
+            out, bias = super().forward(input_, weight=self._step_folded_weight())
         else:
-            with recompute_saved_weight(w_eff, self._refold):
-                out, bias = super().forward(input_, weight=w_eff)
+            w_eff = self.folded_weight()
+            if w_eff is self.weight:
+                out, bias = super().forward(input_)
+            else:
+                with recompute_saved_weight(w_eff, self._refold):
+                    out, bias = super().forward(input_, weight=w_eff)
         if self.inner_norm_branches:
             out = self._inner_norm_and_scale(out)
         return out, bias
@@ -158,6 +164,39 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
     @torch.no_grad()
     def _refold(self) -> torch.Tensor:
         return self.folded_weight().detach()
+
+    # -- fold once per optimizer step (DESIGN.md option (b), opt-in) ------------------------------
+    def _folds(self) -> bool:
+        return bool(self.input_scales) or any(b not in self.inner_norm_branches for b in self.output_scales)
+
+    def _fold_params(self):
+        return [self.weight] + [p for m in (self.input_scales, self.output_scales) for p in m.parameters()]
+
+    def _step_folded_weight(self) -> torch.Tensor:
+        """W_eff as a leaf that collects dL/dW_eff over all micro-batches of a step.
+
+        W, gamma and u do not change between a step's micro-batches, and dL/dW = dL/dW_eff * (u gamma^T)
+        is linear in the accumulated dL/dW_eff, so the fold and its chain rule run once per step
+        (``flush_step_fold``, called before gradients are reduced) instead of once per micro-batch. Costs
+        two weight-sized buffers per folded linear (the leaf and its gradient).
+        """
+        key = tuple((p.data_ptr(), p._version) for p in self._fold_params())
+        if self._step_fold is None or self._step_fold_key != key:
+            if self._step_fold is not None and self._step_fold.grad is not None:
+                raise RuntimeError("the parameters changed before the folded-weight gradient was flushed; "
+                                   "call flush_step_folds(model) before the optimizer step")
+            with torch.no_grad():
+                self._step_fold = self.folded_weight().detach().requires_grad_(True)
+            self._step_fold_key = key
+        return self._step_fold
+
+    def flush_step_fold(self) -> None:
+        """Apply the chain rule for the accumulated dL/dW_eff (a collective over TP for the vectors)."""
+        leaf = self._step_fold
+        if leaf is None or leaf.grad is None:
+            return
+        grad, leaf.grad = leaf.grad, None
+        torch.autograd.backward(self.folded_weight(), grad)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
@@ -170,6 +209,27 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             for b, vec in getattr(self, group_name).items():
                 out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
         return out
+
+
+def flush_step_folds(model_chunks) -> None:
+    """Turn every fold-once-per-step layer's accumulated dL/dW_eff into parameter gradients.
+
+    Call after the last micro-batch's backward and before gradients are reduced (``wrap_finalize``).
+    """
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, ScaledColumnParallelLinear):
+                module.flush_step_fold()
+
+
+def wrap_finalize(finalize_fn, model_chunks):
+    """A ``config.finalize_model_grads_func`` that flushes step folds first (no-op without them)."""
+
+    def finalize_with_step_folds(*args, **kwargs):
+        flush_step_folds(model_chunks)
+        return finalize_fn(*args, **kwargs)
+
+    return finalize_with_step_folds
 
 
 def make_post_norm(config, output_size: int, sv: ScaleVectorConfig, tp_group) -> ScaledNorm:

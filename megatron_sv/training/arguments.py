@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sv-final-norm-role", choices=ROLES, default=None)
     g.add_argument("--sv-post-sublayer-norm", action="store_true",
                    help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)")
+    g.add_argument("--sv-fold-once-per-step", action="store_true",
+                   help="fold scale vectors into the weights once per optimizer step instead of once per "
+                        "micro-batch: faster with gradient accumulation, two weight-sized buffers more per "
+                        "folded linear (same results)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -222,7 +226,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.sv_config = strategy_config(
             args.scale_vector_strategy, branch_specific=args.sv_branch_specific, placement=args.sv_placement,
             reparam=args.sv_reparam, weight_decay_policy=args.sv_weight_decay_policy,
-            final_norm_role=args.sv_final_norm_role)
+            final_norm_role=args.sv_final_norm_role, fold_once_per_step=args.sv_fold_once_per_step)
     except ValueError as e:
         _fail(str(e))
 

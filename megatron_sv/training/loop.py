@@ -93,7 +93,9 @@ class Trainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=a.use_distributed_optimizer)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
-        self.config.finalize_model_grads_func = finalize_model_grads
+        from megatron_sv.scale_vectors.linears import wrap_finalize
+
+        self.config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [self.model])
         self.config.no_sync_func = self.model.no_sync
 
     def build_optimizer(self):

@@ -106,7 +106,9 @@ def train_steps(
             use_distributed_optimizer=use_distributed_optimizer,
         )
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-        config.finalize_model_grads_func = finalize_model_grads
+        from megatron_sv.scale_vectors.linears import wrap_finalize
+
+        config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [model])
         config.no_sync_func = model.no_sync
         opt_config = OptimizerConfig(
             optimizer="adam", lr=1e-2, min_lr=1e-2, weight_decay=0.01, adam_beta1=0.9,

@@ -26,7 +26,7 @@ LAYOUTS = {
 REFERENCE = dict(parallel={}, micro_batch_size=2, num_microbatches=1)
 
 
-def build_sv_model(parallel, strategy: str, moe: bool = False, seed: int = 42):
+def build_sv_model(parallel, strategy: str, moe: bool = False, seed: int = 42, fold_once_per_step: bool = False):
     from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
@@ -37,7 +37,8 @@ def build_sv_model(parallel, strategy: str, moe: bool = False, seed: int = 42):
                             sequence_parallel=parallel.get("sp", False),
                             expert_model_parallel_size=parallel.get("ep", 1))
     config = transformer_config(shape, layout)
-    return config, build_gpt_model(shape, strategy_config(strategy), config, init_seed=seed)
+    sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
+    return config, build_gpt_model(shape, sv, config, init_seed=seed)
 
 
 def _is_replicated_vector(name: str, param) -> bool:
@@ -52,7 +53,9 @@ def _job(rank, world_size, runs):
     for key, strategy, moe, kwargs in runs:
         kwargs = dict(kwargs)
         parallel = kwargs.pop("parallel")
-        res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
+        step_fold = kwargs.pop("fold_once_per_step", False)
+        res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe,
+                                                                  fold_once_per_step=step_fold),
                           collect_grads=_is_replicated_vector, steps=3, keep_process_group=True,
                           optimizer_overrides=functools.partial(_overrides, strategy), **kwargs)
         out[key] = {"losses": res["losses"], "grads": res["grads"]}
@@ -114,3 +117,27 @@ def test_moe_ep2_matches_ep1(moe_results, strategy):
     assert expected[0] != expected[-1]
     torch.testing.assert_close(torch.tensor(ep2[0][("ep2", strategy)]["losses"]), torch.tensor(expected),
                                rtol=2e-5, atol=2e-6)
+
+
+FOLD_STEP = dict(fold_once_per_step=True)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "unified"])
+def test_fold_once_per_step_matches_per_micro_batch(strategy):
+    """Folding once per optimizer step (gradient accumulated on W_eff, chain rule applied before the
+    reduction) trains exactly like folding per micro-batch: 4 micro-batches on one rank, and PP2 / TP2+SP."""
+    ref = run_distributed(_job, world_size=1, args=([
+        ("micro", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2)),
+        ("step", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
+    ],), timeout=600)[0]
+    got = run_distributed(_job, world_size=2, args=([
+        ("pp2", strategy, False, dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
+        ("tp2", strategy, False, dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2,
+                                      **FOLD_STEP)),
+    ],), timeout=600)
+    expected = torch.tensor(ref["micro"]["losses"])
+    torch.testing.assert_close(torch.tensor(ref["step"]["losses"]), expected, rtol=2e-5, atol=2e-6)
+    for key in ("pp2", "tp2"):
+        torch.testing.assert_close(torch.tensor(got[-1][key]["losses"]), expected, rtol=2e-5, atol=2e-6)
+    for name in got[0]["tp2"]["grads"]:  # replicated vectors' grads equal on both TP ranks
+        torch.testing.assert_close(got[0]["tp2"]["grads"][name], got[1]["tp2"]["grads"][name])
