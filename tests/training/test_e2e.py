@@ -26,7 +26,9 @@ def test_tp2_pp2_dp2_match_single_rank(tmp_path):
     assert ref[ITERS] < ref[1]
     for name, layout in [("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
                          ("pp2", ["--pipeline-model-parallel-size", "2"]),
-                         ("dp2", ["--use-distributed-optimizer"])]:
+                         ("dp2", ["--use-distributed-optimizer"]),
+                         ("pp2_fold_once_per_step", ["--pipeline-model-parallel-size", "2",
+                                                     "--sv-fold-once-per-step"])]:
         got = _run_layout(tmp_path, name, layout, 2)
         assert sorted(got) == sorted(ref), name
         for i in ref:
