@@ -343,8 +343,8 @@ def te_classes():
                     out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
             return out
 
-    class SVTERowParallelLinear(mte.TERowParallelLinear):
-        """TE row-parallel GEMM, saved in the local schema."""
+    class _LocalSchema:
+        """Mixin for TE modules without a fused norm: load hooks and sharded keys in the local schema."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -353,6 +353,9 @@ def te_classes():
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             sd = super().sharded_state_dict(prefix, sharded_offsets, _metadata_with_dp_cp(metadata))
             return sharded_in_local_schema(sd)
+
+    class SVTERowParallelLinear(_LocalSchema, mte.TERowParallelLinear):
+        """TE row-parallel GEMM, saved in the local schema."""
 
     class SVTEPostNormRowParallelLinear(SVTERowParallelLinear):
         """TE row-parallel GEMM + a post-sub-layer Output-Norm (our norm, as in the local backend)."""
@@ -369,16 +372,8 @@ def te_classes():
             out.update(self.post_norm.sharded_state_dict(f"{prefix}post_norm.", sharded_offsets, metadata))
             return out
 
-    class SVTEDotProductAttention(mte.TEDotProductAttention):
+    class SVTEDotProductAttention(_LocalSchema, mte.TEDotProductAttention):
         """TE fused attention; its FP8 metadata is not part of the local schema."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _install_schema_hooks(self, fused_norm=False)
-
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            sd = super().sharded_state_dict(prefix, sharded_offsets, _metadata_with_dp_cp(metadata))
-            return sharded_in_local_schema(sd)
 
     return SimpleNamespace(
         SVTELayerNormColumnParallelLinear=SVTELayerNormColumnParallelLinear,
