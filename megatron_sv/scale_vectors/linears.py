@@ -190,6 +190,9 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             self._step_fold_key = key
         return self._step_fold
 
+    def sv_gradients_ready(self) -> None:
+        self.flush_step_fold()
+
     def flush_step_fold(self) -> None:
         """Apply the chain rule for the accumulated dL/dW_eff (a collective over TP for the vectors)."""
         leaf = self._step_fold
@@ -212,24 +215,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
 
 
 def flush_step_folds(model_chunks) -> None:
-    """Turn every fold-once-per-step layer's accumulated dL/dW_eff into parameter gradients.
+    """Turn every fold-once-per-step layer's accumulated dL/dW_eff into parameter gradients."""
+    from .training_hooks import gradients_ready
 
-    Call after the last micro-batch's backward and before gradients are reduced (``wrap_finalize``).
-    """
-    for chunk in model_chunks:
-        for module in chunk.modules():
-            if isinstance(module, ScaledColumnParallelLinear):
-                module.flush_step_fold()
-
-
-def wrap_finalize(finalize_fn, model_chunks):
-    """A ``config.finalize_model_grads_func`` that flushes step folds first (no-op without them)."""
-
-    def finalize_with_step_folds(*args, **kwargs):
-        flush_step_folds(model_chunks)
-        return finalize_fn(*args, **kwargs)
-
-    return finalize_with_step_folds
+    gradients_ready(model_chunks)
 
 
 def make_post_norm(config, output_size: int, sv: ScaleVectorConfig, tp_group) -> ScaledNorm:

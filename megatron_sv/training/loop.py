@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_sv.scale_vectors import training_hooks as sv_hooks
 from megatron_sv.training.arguments import (
     MODEL_DEFINING_ARGS,
     ArgumentError,
@@ -93,7 +94,7 @@ class Trainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=a.use_distributed_optimizer)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
-        from megatron_sv.scale_vectors.linears import wrap_finalize
+        from megatron_sv.scale_vectors.training_hooks import wrap_finalize
 
         self.config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [self.model])
         self.config.no_sync_func = self.model.no_sync
@@ -179,6 +180,7 @@ class Trainer:
         # the model weights changed under the DDP/optimizer copies: refresh fp32 main params if any
         if weights_only and hasattr(self.optimizer, "reload_model_params"):
             self.optimizer.reload_model_params()
+        sv_hooks.after_parameters_changed([self.model], self.optimizer)
 
     def save(self):
         from megatron_sv.checkpointing import save_checkpoint
@@ -222,7 +224,9 @@ class Trainer:
         loss = self._reduce_loss(reduced)
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: the loss is {loss}")
+        sv_hooks.before_optimizer_step([self.model], self.optimizer)
         ok, grad_norm, _ = self.optimizer.step()
+        sv_hooks.after_parameters_changed([self.model], self.optimizer)
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: the gradient norm is {grad_norm}")
         if not ok:

@@ -106,7 +106,7 @@ def train_steps(
             use_distributed_optimizer=use_distributed_optimizer,
         )
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-        from megatron_sv.scale_vectors.linears import wrap_finalize
+        from megatron_sv.scale_vectors.training_hooks import wrap_finalize
 
         config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [model])
         config.no_sync_func = model.no_sync
