@@ -2,18 +2,12 @@
 tracker file, save/load of model, optimizer, scheduler, RNG and training progress. Shared by the
 training entry point and the tools."""
 
-from megatron_sv.checkpointing.layout import (
-    TRACKER_FILENAME,
-    CheckpointError,
-    check_load_dir,
-    check_save_dir,
-    checkpoint_dir,
-    read_tracker,
-    write_tracker,
-)
-from megatron_sv.checkpointing.dist import load_checkpoint, save_checkpoint
+from megatron_sv._lazy import lazy_exports
 
-__all__ = [
-    "TRACKER_FILENAME", "CheckpointError", "check_load_dir", "check_save_dir", "checkpoint_dir",
-    "read_tracker", "write_tracker", "load_checkpoint", "save_checkpoint",
-]
+_EXPORTS = {
+    "TRACKER_FILENAME": "layout", "CheckpointError": "layout", "check_load_dir": "layout",
+    "check_save_dir": "layout", "checkpoint_dir": "layout", "read_tracker": "layout", "write_tracker": "layout",
+    "load_checkpoint": "dist", "save_checkpoint": "dist",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 import torch
 
 from megatron_sv.platform.device import select_backend
+from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
 
 
 @dataclass(frozen=True)
@@ -60,42 +61,6 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         addr = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
     port = int(env.get("MASTER_PORT", 29500))
     return LaunchEnv(rank, world, local, addr, port)
-
-
-def validate_parallel_sizes(
-    world_size: int,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
-    context_parallel_size: int = 1,
-    expert_tensor_parallel_size: Optional[int] = None,
-) -> int:
-    """Check the layout fits the world; return the data-parallel size. Raises ValueError."""
-    for name, v in [
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-        ("expert_model_parallel_size", expert_model_parallel_size),
-        ("context_parallel_size", context_parallel_size),
-    ]:
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    model = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
-    if world_size % model != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor ({tensor_model_parallel_size}) x "
-            f"pipeline ({pipeline_model_parallel_size}) x context ({context_parallel_size}) "
-            f"parallel sizes = {model}"
-        )
-    dp = world_size // model
-    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    expert_model = etp * expert_model_parallel_size * pipeline_model_parallel_size
-    if world_size % expert_model != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by expert tensor ({etp}) x expert "
-            f"({expert_model_parallel_size}) x pipeline ({pipeline_model_parallel_size}) "
-            f"parallel sizes = {expert_model}"
-        )
-    return dp
 
 
 def initialize_distributed(

@@ -1,6 +1,8 @@
-"""The scale-vector method (PAPER.md): config and presets, vectors, norms, folded linears, WD groups."""
+"""The scale-vector method (docs/method.md): config and presets, vectors, norms, folded linears, WD groups."""
 
-from .config import STRATEGIES, ScaleVectorConfig, strategy_config
-from .vector import ScaleVector, VectorSpec
+from megatron_sv._lazy import lazy_exports
 
-__all__ = ["STRATEGIES", "ScaleVectorConfig", "strategy_config", "ScaleVector", "VectorSpec"]
+_EXPORTS = {"STRATEGIES": "config", "ScaleVectorConfig": "config", "strategy_config": "config",
+            "ScaleVector": "vector", "VectorSpec": "vector"}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

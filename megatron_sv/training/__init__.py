@@ -4,7 +4,7 @@
 
 
 def main(argv=None) -> int:
-    from megatron_sv.training.loop import main as _main
+    from megatron_sv.training.cli import main as _main
 
     return _main(argv)
 

@@ -21,47 +21,87 @@ class ArgumentError(ValueError):
     """A bad flag or flag combination, found before any work was done."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; help texts that explain a derived default in words
+    (they contain "default") are left as written, and on/off switches say "off" instead of False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        if action.nargs == 0 and action.default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage of ~80 flags would bury it; --help shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _bool_pair(g, name: str, help_text: str) -> None:
     dest = name.replace("-", "_")
-    g.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_text)
+    g.add_argument(f"--{name}", dest=dest, action="store_true", default=None,
+                   help=f"{help_text} (default: as the preset of --scale-vector-strategy)")
     g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"turn off --{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The parser alone imports neither torch nor megatron.core (module top), so --help and argument
+    errors come back in a fraction of a second and without Transformer Engine/Apex warnings."""
+    p = _Parser(
         prog="pretrain_gpt_sv.py", description="Pre-train a GPT with scale vectors on Megatron-Core.",
-        allow_abbrev=False,
+        allow_abbrev=False, formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True)
-    g.add_argument("--hidden-size", type=int, required=True)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--num-attention-heads", type=int, required=True)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None)
-    g.add_argument("--seq-length", type=int, required=True)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
-    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"])
-    g.add_argument("--rotary-base", type=int, default=10000)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--qk-layernorm", action="store_true")
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--num-experts", type=int, default=None)
-    g.add_argument("--moe-router-topk", type=int, default=2)
-    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--num-layers", type=int, required=True, help="transformer layers (required)")
+    g.add_argument("--hidden-size", type=int, required=True, help="model width d (required)")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="MLP width (default: 4 x --hidden-size; with --swiglu 8/3 x --hidden-size rounded up to "
+                        "a multiple of 64)")
+    g.add_argument("--num-attention-heads", type=int, required=True, help="attention heads (required)")
+    g.add_argument("--group-query-attention", action="store_true", help="grouped-query attention (GQA)")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value head groups under --group-query-attention (default: one per head)")
+    g.add_argument("--seq-length", type=int, required=True, help="tokens per sample (required)")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="positions of learned embeddings (default: --seq-length)")
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"],
+                   help="the deterministic normalization N(h)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every normalization")
+    g.add_argument("--swiglu", action="store_true", help="gated SwiGLU MLP (gate and up branches)")
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"],
+                   help="position encoding")
+    g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate LM-head weight instead of the tied input embedding")
+    g.add_argument("--qk-layernorm", action="store_true", help="normalize queries and keys per head (QK-norm)")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init")
+    g.add_argument("--num-experts", type=int, default=None, help="MoE experts per layer (default: dense MLP)")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="experts per token")
+    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"],
+                   help="MoE token dispatcher (alltoall needs NCCL)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="each expert's MLP width (default: --ffn-hidden-size)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="load-balancing loss coefficient")
 
     g = p.add_argument_group("scale vectors")
-    g.add_argument("--scale-vector-strategy", default="standard", choices=list(STRATEGIES))
+    g.add_argument("--scale-vector-strategy", default="standard", choices=list(STRATEGIES),
+                   help="named preset of the method (docs/method.md); --sv-* flags override single switches")
     _bool_pair(g, "sv-branch-specific", "override the preset: one input-side vector per branch (HG)")
-    g.add_argument("--sv-placement", choices=PLACEMENTS, default=None)
-    g.add_argument("--sv-reparam", choices=REPARAMS, default=None)
-    g.add_argument("--sv-weight-decay-policy", choices=WEIGHT_DECAY_POLICIES, default=None)
-    g.add_argument("--sv-final-norm-role", choices=ROLES, default=None)
+    g.add_argument("--sv-placement", choices=PLACEMENTS, default=None,
+                   help="override the preset: input side only, dual (DP) or dual with normalization (DNP) "
+                        "(default: as the preset)")
+    g.add_argument("--sv-reparam", choices=REPARAMS, default=None,
+                   help="override the preset: plain vectors, OR or ER magnitude-direction form "
+                        "(default: as the preset)")
+    g.add_argument("--sv-weight-decay-policy", choices=WEIGHT_DECAY_POLICIES, default=None,
+                   help="override the preset: which scale vectors get weight decay (default: as the preset)")
+    g.add_argument("--sv-final-norm-role", choices=ROLES, default=None,
+                   help="override the final norm's role for weight decay (default: input, an Input-Norm)")
     g.add_argument("--sv-post-sublayer-norm", action="store_true",
                    help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)")
     g.add_argument("--sv-fold-once-per-step", action="store_true",
@@ -70,85 +110,105 @@ def build_parser() -> argparse.ArgumentParser:
                         "folded linear (same results)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP degree (1F1B schedule)")
+    g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP degree (MoE)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="timeout of collective operations")
 
     g = p.add_argument_group("batch")
-    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, required=True, help="samples per rank and micro-batch (required)")
     g.add_argument("--global-batch-size", type=int, default=None,
-                   help="default: micro-batch-size x data-parallel size (no gradient accumulation)")
+                   help="samples per optimizer step (default: micro-batch-size x data-parallel size, no "
+                        "gradient accumulation)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"])
-    g.add_argument("--lr", type=float, required=True)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "linear", "constant"])
-    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"],
+                   help="AdamW, or Muon (needs the package emerging-optimizers)")
+    g.add_argument("--lr", type=float, required=True, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "linear", "constant"],
+                   help="learning-rate schedule after warm-up")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="iterations of the final decay phase of --lr-decay-style wsd (default: none; required "
+                        "with wsd)")
     g.add_argument("--lr-wsd-decay-style", default="exponential",
-                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"], help="shape of the WSD decay phase")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up iterations")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="decay length (default: --train-iters)")
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train (required)")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="decoupled weight decay; scale vectors follow --sv-weight-decay-policy")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (initialization, data order, dropout)")
 
     g = p.add_argument_group("precision")
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
-                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine)")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed")
+                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine; "
+                        "default: no FP8)")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                   help="FP8 scaling recipe")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
                         "and fused norm+linear for `standard` (CUDA + Transformer Engine)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None, help="prefixes, or 'weight prefix' pairs")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed-dataset prefixes, or 'weight prefix' pairs (default: none; this or --mock-data)")
+    g.add_argument("--split", default="969,30,1", help="train,validation,test shares of --data-path")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where Megatron-Core's dataset index caches go (default: beside the data)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES))
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES),
+                   help="tokenizer (default: NullTokenizer with --mock-data and --vocab-size, else required)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model file or Hugging Face tokenizer directory (default: none)")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary (default: none)")
+    g.add_argument("--merge-file", default=None, help="GPT-2 BPE merges (default: none)")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size (default: none)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP")
 
     g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--async-save", action="store_true")
+    g.add_argument("--save", default=None, help="checkpoint directory to write (default: no checkpoints)")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from (default: start fresh)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (default: only at the end and on exit signals)")
+    g.add_argument("--async-save", action="store_true", help="write checkpoints in background processes")
     g.add_argument("--dist-ckpt-optim-format", default=None,
                    choices=["fully_reshardable", "dp_reshardable"],
                    help="distributed-optimizer state: fully_reshardable (loads at any TP/PP/DP layout; "
                         "gathers per DP group at save; the default) or dp_reshardable (parallel save, reshards over "
                         "DP only)")
     g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the random-number states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and restart iteration / consumed samples / schedule at 0")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
-    g.add_argument("--exit-interval", type=int, default=None, help="save and exit at this iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after this many minutes (default: no time limit)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit at this iteration (default: none)")
     g.add_argument("--exit-signal-handler", dest="exit_signal_handler", action="store_true", default=True,
-                   help="on SIGTERM/SIGUSR1 save a checkpoint and exit (default on)")
-    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false")
+                   help="on SIGTERM/SIGUSR1 save a checkpoint and exit (default: on)")
+    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
+                   help="turn off --exit-signal-handler")
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000, help="evaluate every N iterations")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0: none)")
+    g.add_argument("--log-interval", type=int, default=100, help="print a training line every N iterations")
+    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event directory (default: no TensorBoard)")
     g.add_argument("--metrics-file", default=None,
-                   help="jsonl with one machine-readable record per iteration and evaluation (rank 0)")
+                   help="jsonl with one machine-readable record per iteration and evaluation (rank 0; "
+                        "default: none)")
     g.add_argument("--no-scale-vector-stats", action="store_true",
                    help="skip the per-vector TensorBoard statistics")
     # test-only: poison the loss at this iteration to exercise the NaN guard
@@ -233,7 +293,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # parallelism
     tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.expert_model_parallel_size)
-    from megatron_sv.platform.distributed import validate_parallel_sizes
+    from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
     try:
         args.data_parallel_size = validate_parallel_sizes(world_size, tp, pp, ep)
     except ValueError as e:
@@ -287,7 +347,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--weight-decay and --clip-grad must be >= 0")
 
     # precision
-    import torch
     if args.transformer_impl == "transformer_engine":
         from megatron_sv.scale_vectors.te_linears import TransformerEngineUnavailable, require_transformer_engine
 
@@ -304,8 +363,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                   "Engine); the local backend has no FP8 GEMMs")
         if not args.bf16:
             _fail("--fp8-format needs --bf16 (FP8 GEMMs with bf16 activations and master weights in fp32)")
-    if args.bf16 and not torch.cuda.is_available():
-        pass  # bf16 runs on CPU too (slow); allowed for smoke tests
 
     # data and tokenizer
     if args.mock_data and args.data_path:

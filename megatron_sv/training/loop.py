@@ -10,7 +10,6 @@ Megatron's DDP, ``get_megatron_optimizer`` with the scale-vector param-group ove
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 import time
@@ -20,16 +19,8 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_sv.scale_vectors import training_hooks as sv_hooks
-from megatron_sv.training.arguments import (
-    MODEL_DEFINING_ARGS,
-    ArgumentError,
-    args_for_checkpoint,
-    padded_vocab_size,
-    parse_args,
-    validate_args,
-)
-
-EXIT_OK, EXIT_BAD_ARGS, EXIT_DIVERGED = 0, 2, 3
+from megatron_sv.training.arguments import MODEL_DEFINING_ARGS, args_for_checkpoint, padded_vocab_size
+from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED, EXIT_OK, report_bad_args
 
 
 class TrainingDivergedError(RuntimeError):
@@ -390,22 +381,16 @@ def _memory() -> str:
     return memory_usage()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    start = time.time()
-    args = parse_args(argv)
-    args._start_time = start
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+def run(args) -> int:
+    """Train with flags that ``megatron_sv.training.cli.main`` parsed and validated."""
     try:
-        validate_args(args)
         from megatron_sv.training.data import build_tokenizer_from_args
 
         tokenizer = build_tokenizer_from_args(args)
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
-    except (ArgumentError, ValueError, FileNotFoundError) as e:
-        if rank == 0:
-            print(f"pretrain_gpt_sv.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_ARGS
+    except (ValueError, FileNotFoundError) as e:
+        return report_bad_args(e)
 
     from megatron_sv.checkpointing import CheckpointError
     from megatron_sv.platform import destroy_distributed, initialize_distributed

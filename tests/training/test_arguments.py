@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from megatron_sv.checkpointing import write_tracker
-from megatron_sv.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_sv.training.arguments import ArgumentError, build_parser, parse_args, validate_args
 from tests.training.cli import TINY, run
 
 BASE = [x for x in TINY]
@@ -86,3 +90,52 @@ def test_cli_fails_fast_with_message(tmp_path):
     r = run([*TINY, "--train-iters", "2", "--global-batch-size", "6"], nproc=1, timeout=120,
             extra_env={"WORLD_SIZE": "2"})
     assert r.returncode == 2 and "--global-batch-size 6 is not divisible" in r.stderr
+
+
+# what the command line may import before the flags are known to be good: no torch, no megatron.core
+_PROBE = """
+import sys
+from megatron_sv.training import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "megatron.core", "numpy") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+def _probe(args):
+    from tests.training.cli import ROOT, env
+
+    return subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_and_argument_errors_are_fast_and_quiet():
+    t0 = time.perf_counter()
+    r = _probe(["--help"])
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0 and "--scale-vector-strategy" in r.stdout
+    assert r.stderr == "" and "HEAVY=\n" in r.stdout  # nothing heavy imported, so no TE/Apex warnings
+    assert elapsed < 10, f"--help took {elapsed:.1f} s"  # about 0.2 s; loose for a loaded 2-core machine
+    # a usage error and a failed validation: one line, exit code 2, still nothing heavy imported
+    r = _probe(["--num-layers", "2", "--bogus"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--hidden-size" in r.stderr
+    r = _probe([*TINY, "--train-iters", "2", "--num-attention-heads", "3"])
+    assert r.returncode == 2 and "HEAVY=\n" in r.stdout
+    assert r.stderr == "pretrain_gpt_sv.py: error: --hidden-size 64 is not divisible by --num-attention-heads 3\n"
+
+
+def test_every_flag_has_help_with_its_default():
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if action.required or action.const is False:  # --no-X of an on/off pair
+            continue
+        text = formatter._get_help_string(action)
+        assert "default" in text, f"{action.option_strings[0]}: help does not state the default"
