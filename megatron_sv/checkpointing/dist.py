@@ -16,6 +16,7 @@ checkpoint may need arbitrary unpickling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any, Callable, Dict, List, Optional
@@ -74,6 +75,43 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
         for st in sub.optimizer.state.values():
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+
+
+def _uses_torch_adam_state(sub) -> bool:
+    """True when a DistributedOptimizer's inner optimizer keeps a per-parameter 'step' tensor, as torch's
+    Adam/AdamW do (megatron-core falls back to them wherever neither Transformer Engine nor Apex is
+    installed, on CPU and GPU alike; TE's and Apex's fused Adam keep the step in the param groups)."""
+    return any("step" in st for st in sub.optimizer.state.values())
+
+
+@contextlib.contextmanager
+def _keep_state_keys_missing_from_checkpoint(optimizer):
+    """megatron-core 0.16.1 bug, wherever the inner optimizer is torch Adam (no TE/Apex, any device):
+    DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live per-parameter
+    state from the checkpoint's tensors, which hold only param/exp_avg/exp_avg_sq, so loading raises
+    KeyError('step'). For the duration of our load only, and only on these optimizer instances, keep the
+    keys the checkpoint does not carry (the step is restored from the param groups afterwards, see
+    _restore_adam_steps). Nothing in megatron-core is patched: the class and other instances are untouched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    overridden = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or not _uses_torch_adam_state(sub):
+            continue
+        original = sub._set_main_param_and_optimizer_states  # the bound class method
+
+        def keep_missing_keys(model_param, tensors, _sub=sub, _original=original):
+            current = _sub._get_main_param_and_optimizer_states(model_param)
+            kept = {k: v for k, v in current.items() if k not in tensors}
+            return _original(model_param, {**kept, **tensors})
+
+        sub._set_main_param_and_optimizer_states = keep_missing_keys  # instance attribute only
+        overridden.append(sub)
+    try:
+        yield
+    finally:
+        for sub in overridden:
+            del sub._set_main_param_and_optimizer_states
 
 
 def _optimizer_metadata(fmt: str) -> Dict[str, Any]:
@@ -254,7 +292,8 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, ckpt, sharded_strategy=get_default_load_sharded_strategy(ckpt))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        with torch.no_grad():  # fp32 distributed-optimizer shards are views of the model's leaf params
+        # fp32 distributed-optimizer shards are views of the model's leaf params
+        with torch.no_grad(), _keep_state_keys_missing_from_checkpoint(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:

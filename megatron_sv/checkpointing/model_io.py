@@ -120,8 +120,10 @@ def pretrain_flags(args: Dict[str, Any]) -> str:
              f"--ffn-hidden-size {args['ffn_hidden_size']}", f"--num-attention-heads {args['num_attention_heads']}",
              f"--seq-length {args['seq_length']}", f"--max-position-embeddings {args['max_position_embeddings']}",
              f"--normalization {args['normalization']}", f"--norm-epsilon {args['norm_epsilon']}",
-             f"--position-embedding-type {args['position_embedding_type']}", f"--rotary-base {args['rotary_base']}",
+             f"--position-embedding-type {args['position_embedding_type']}",
              f"--scale-vector-strategy {args['scale_vector_strategy']}"]
+    if args["position_embedding_type"] == "rope":  # the flag is refused for other position embeddings
+        flags.append(f"--rotary-base {args['rotary_base']}")
     if args.get("group_query_attention"):
         flags.append(f"--group-query-attention --num-query-groups {args['num_query_groups']}")
     for key in ("swiglu", "untie_embeddings_and_output_weights", "qk_layernorm", "sv_post_sublayer_norm"):

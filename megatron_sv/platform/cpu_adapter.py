@@ -1,7 +1,9 @@
 """Make megatron-core's CUDA touch points work on CPU (gloo backend).
 
 Active only when no GPU is used: ``install_cpu_adapter()`` refuses to run when CUDA is
-available, so on GPUs nothing in megatron-core is patched.
+available, so on GPUs nothing in megatron-core is patched. The one exception is not a CPU matter:
+megatron-core 0.16.1 forgets to define ``moe_utils.te_general_gemm`` when Transformer Engine is
+missing (``NO_TE_PATCHES``, installed only where TE does not import, GPUs included).
 
 Mechanism. Most touch points are module-level calls such as ``torch.cuda.current_device()``,
 ``torch.zeros(..., device="cuda")`` or ``torch.cuda.synchronize()``. For each megatron-core
@@ -298,27 +300,6 @@ def patch_distrib_optimizer_get_parameter_state_dp_zero():
     cls.get_parameter_state_dp_zero = get_parameter_state_dp_zero
 
 
-def patch_distrib_optimizer_set_main_param_and_optimizer_states():
-    """Without Apex/TE the inner optimizer is torch Adam, whose per-parameter state also holds 'step';
-    the 'fully_reshardable' checkpoint stores only param/exp_avg/exp_avg_sq, and
-    _set_main_param_and_optimizer_states raises KeyError('step') on load. Keep the keys the checkpoint
-    does not carry (the step is restored from the param groups, see megatron_sv.checkpointing)."""
-    mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-    cls = mod.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-    if getattr(original, _PATCHED_MARK, False):
-        return
-
-    @functools.wraps(original)
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        current = self._get_main_param_and_optimizer_states(model_param)
-        kept = {k: v for k, v in current.items() if k not in tensors}
-        return original(self, model_param, {**kept, **tensors})
-
-    setattr(_set_main_param_and_optimizer_states, _PATCHED_MARK, True)
-    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-
-
 def patch_float16_optimizer_init():
     """Float16OptimizerWithFloat16Params.__init__ (bf16/fp16 training) checks param.type()."""
     mod = importlib.import_module("megatron.core.optimizer.optimizer")
@@ -447,9 +428,9 @@ CPU_PATCHES: Dict[str, Callable[[], None]] = {
 # Needed wherever Transformer Engine is missing, GPUs included.
 NO_TE_PATCHES: Dict[str, Callable[[], None]] = {
     "moe_utils.te_general_gemm": patch_moe_utils_te_general_gemm,
-    "distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states":
-        patch_distrib_optimizer_set_main_param_and_optimizer_states,
 }
+# (The distributed optimizer's KeyError('step') on load without TE/Apex is not patched here: our
+# checkpoint loader handles it on its own optimizer instances, megatron_sv.checkpointing.dist.)
 
 _installed = False
 

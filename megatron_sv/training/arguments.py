@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_sv.data.tokenizers import TOKENIZER_TYPES
 from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
@@ -75,18 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action="store_true", help="gated SwiGLU MLP (gate and up branches)")
     g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"],
                    help="position encoding")
-    g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base")
+    g.add_argument("--rotary-base", type=int, default=None, help="RoPE base (default: 10000)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="separate LM-head weight instead of the tied input embedding")
     g.add_argument("--qk-layernorm", action="store_true", help="normalize queries and keys per head (QK-norm)")
     g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init")
     g.add_argument("--num-experts", type=int, default=None, help="MoE experts per layer (default: dense MLP)")
-    g.add_argument("--moe-router-topk", type=int, default=2, help="experts per token")
-    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"],
-                   help="MoE token dispatcher (alltoall needs NCCL)")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default: 2)")
+    g.add_argument("--moe-token-dispatcher-type", default=None, choices=["allgather", "alltoall"],
+                   help="MoE token dispatcher (alltoall needs NCCL; default: allgather)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
                    help="each expert's MLP width (default: --ffn-hidden-size)")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="load-balancing loss coefficient")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="load-balancing loss coefficient (default: 0.0)")
 
     g = p.add_argument_group("scale vectors")
     g.add_argument("--scale-vector-strategy", default="standard", choices=list(STRATEGIES),
@@ -135,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
                    help="iterations of the final decay phase of --lr-decay-style wsd (default: none; required "
                         "with wsd)")
-    g.add_argument("--lr-wsd-decay-style", default="exponential",
-                   choices=["exponential", "linear", "cosine", "minus_sqrt"], help="shape of the WSD decay phase")
+    g.add_argument("--lr-wsd-decay-style", default=None, choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   help="shape of the WSD decay phase (default: exponential)")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up iterations")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="decay length (default: --train-iters)")
     g.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train (required)")
@@ -153,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
                    help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine; "
                         "default: no FP8)")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
-                   help="FP8 scaling recipe")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default=None,
+                   help="FP8 scaling recipe (default: delayed)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
                         "and fused norm+linear for `standard` (CUDA + Transformer Engine)")
@@ -188,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distributed-optimizer state: fully_reshardable (loads at any TP/PP/DP layout; "
                         "gathers per DP group at save; the default) or dp_reshardable (parallel save, reshards over "
                         "DP only)")
-    g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
-    g.add_argument("--no-load-rng", action="store_true", help="do not restore the random-number states")
+    g.add_argument("--no-load-optim", action="store_true", default=None,
+                   help="load model weights only (default: off)")
+    g.add_argument("--no-load-rng", action="store_true", default=None,
+                   help="do not restore the random-number states (default: off)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and restart iteration / consumed samples / schedule at 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -236,6 +240,62 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+@dataclass(frozen=True)
+class ConditionalFlag:
+    """A flag that means something only when ``applies(args)``: given anywhere else it would be silently
+    ignored, so it is refused (its parser default is None to tell "given" from "default")."""
+
+    dest: str
+    default: object
+    needs: str  # what makes the flag apply, for the message
+    applies: Callable[[argparse.Namespace], bool]
+
+
+CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
+    ConditionalFlag("rotary_base", 10000, "--position-embedding-type rope",
+                    lambda a: a.position_embedding_type == "rope"),
+    ConditionalFlag("moe_router_topk", 2, "--num-experts", lambda a: bool(a.num_experts)),
+    ConditionalFlag("moe_token_dispatcher_type", "allgather", "--num-experts", lambda a: bool(a.num_experts)),
+    ConditionalFlag("moe_ffn_hidden_size", None, "--num-experts", lambda a: bool(a.num_experts)),
+    ConditionalFlag("moe_aux_loss_coeff", 0.0, "--num-experts", lambda a: bool(a.num_experts)),
+    ConditionalFlag("lr_wsd_decay_style", "exponential", "--lr-decay-style wsd",
+                    lambda a: a.lr_decay_style == "wsd"),
+    ConditionalFlag("fp8_recipe", "delayed", "--fp8-format", lambda a: a.fp8_format is not None),
+    ConditionalFlag("dist_ckpt_optim_format", "fully_reshardable", "--use-distributed-optimizer",
+                    lambda a: a.use_distributed_optimizer),
+    ConditionalFlag("no_load_optim", False, "--load", lambda a: bool(a.load)),
+    ConditionalFlag("no_load_rng", False, "--load", lambda a: bool(a.load)),
+    ConditionalFlag("sv_final_norm_role", None, "--sv-weight-decay-policy iwd (roles only choose weight decay)",
+                    lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd"),
+    ConditionalFlag("tokenizer_model", None, "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",
+                    lambda a: a.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer")),
+    ConditionalFlag("vocab_file", None, "--tokenizer-type GPT2BPETokenizer",
+                    lambda a: a.tokenizer_type == "GPT2BPETokenizer"),
+    ConditionalFlag("merge_file", None, "--tokenizer-type GPT2BPETokenizer",
+                    lambda a: a.tokenizer_type == "GPT2BPETokenizer"),
+    ConditionalFlag("vocab_size", None, "--tokenizer-type NullTokenizer",
+                    lambda a: a.tokenizer_type in (None, "NullTokenizer")),
+)
+
+
+def _preset_policy(args: argparse.Namespace) -> str:
+    from megatron_sv.scale_vectors.config import STRATEGIES
+
+    preset = STRATEGIES.get(args.scale_vector_strategy)
+    return preset.weight_decay_policy if preset is not None else ""
+
+
+def check_conditional_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag that would be silently ignored; then fill in the defaults of the others."""
+    for flag in CONDITIONAL_FLAGS:
+        value = getattr(args, flag.dest)
+        if value is not None and not flag.applies(args):
+            _fail(f"--{flag.dest.replace('_', '-')} only applies with {flag.needs}; it would be ignored here")
+    for flag in CONDITIONAL_FLAGS:
+        if getattr(args, flag.dest) is None:
+            setattr(args, flag.dest, flag.default)
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Check every flag before any work; add derived fields (data_parallel_size, num_microbatches,
     lr_decay_iters, scale-vector config). Raises ArgumentError."""
@@ -244,6 +304,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     world_size = world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
+    check_conditional_flags(args)
+    if args.sv_fold_once_per_step and args.transformer_impl == "transformer_engine":
+        _fail("--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine (the TE "
+              "linears fold per micro-batch); drop one of the two flags")
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                 "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size", "eval_interval", "log_interval", "make_vocab_size_divisible_by"]
@@ -411,8 +475,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--async-save needs --save")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         _fail("--exit-duration-in-mins must be positive")
-    if args.dist_ckpt_optim_format is None:
-        args.dist_ckpt_optim_format = "fully_reshardable"
     if args.finetune and not args.load:
         _fail("--finetune needs --load")
     try:

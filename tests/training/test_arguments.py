@@ -17,6 +17,11 @@ from tests.training.cli import TINY, run
 BASE = [x for x in TINY]
 
 
+def _without(argv, flag):
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
 def _validate(extra, world_size=2, base=BASE):
     return validate_args(parse_args([*base, "--train-iters", "4", *extra]), world_size=world_size)
 
@@ -27,6 +32,10 @@ def test_derived_values():
     assert a.sv_config.placement == "dual_norm" and a.sv_config.reparam == "or"
     a = _validate(["--no-sv-branch-specific", "--sv-reparam", "er"], world_size=1)
     assert a.sv_config.branch_specific is False and a.sv_config.reparam == "er"
+    # conditional flags get their defaults once checked; given where they apply they are kept
+    assert (a.rotary_base, a.moe_router_topk, a.fp8_recipe, a.no_load_optim) == (10000, 2, "delayed", False)
+    a = _validate(["--num-experts", "4", "--moe-router-topk", "1", "--sv-final-norm-role", "output"], world_size=1)
+    assert a.moe_router_topk == 1 and a.sv_config.final_norm_role == "output"
 
 
 @pytest.mark.parametrize("extra,world,message", [
@@ -45,6 +54,21 @@ def test_derived_values():
     (["--transformer-impl", "transformer_engine"], 1, "--transformer-impl transformer_engine: "),
     (["--scale-vector-strategy", "none", "--sv-placement", "dual"], 1, "scale vectors are disabled"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    # flags that would be silently ignored are refused
+    (["--sv-fold-once-per-step", "--transformer-impl", "transformer_engine"], 1,
+     "--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine"),
+    (["--fp8-recipe", "tensorwise"], 1, "--fp8-recipe only applies with --fp8-format"),
+    (["--lr-wsd-decay-style", "linear"], 1, "--lr-wsd-decay-style only applies with --lr-decay-style wsd"),
+    (["--moe-router-topk", "1"], 1, "--moe-router-topk only applies with --num-experts"),
+    (["--moe-aux-loss-coeff", "0.01"], 1, "--moe-aux-loss-coeff only applies with --num-experts"),
+    (["--position-embedding-type", "learned_absolute", "--rotary-base", "500000"], 1,
+     "--rotary-base only applies with --position-embedding-type rope"),
+    (["--dist-ckpt-optim-format", "dp_reshardable"], 1,
+     "--dist-ckpt-optim-format only applies with --use-distributed-optimizer"),
+    (["--no-load-optim"], 1, "--no-load-optim only applies with --load"),
+    (["--sv-final-norm-role", "output", "--sv-weight-decay-policy", "all"], 1,
+     "--sv-final-norm-role only applies with --sv-weight-decay-policy iwd"),
+    (["--merge-file", "m.txt"], 1, "--merge-file only applies with --tokenizer-type GPT2BPETokenizer"),
 ])
 def test_bad_flag_combinations(extra, world, message):
     with pytest.raises(ArgumentError, match=message.replace("-", r"\-").replace("(", r"\(")):
@@ -58,6 +82,9 @@ def test_data_and_tokenizer_files(tmp_path):
     with pytest.raises(ArgumentError, match="missing .*missing.bin"):
         _validate(["--data-path", str(tmp_path / "missing")], base=no_mock)
     with pytest.raises(ArgumentError, match="--tokenizer-model .* does not exist"):
+        _validate(["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "t.model")],
+                  base=_without(BASE, "--vocab-size"))
+    with pytest.raises(ArgumentError, match="--vocab-size only applies with --tokenizer-type NullTokenizer"):
         _validate(["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "t.model")])
 
 
