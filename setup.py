@@ -22,6 +22,8 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "safetensors"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib",
+                # tests: torchao's Float8Linear is the independent oracle of our FP8 linears
+                "torchao>=0.18"],
     },
 )

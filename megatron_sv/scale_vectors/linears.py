@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from .config import ScaleVectorConfig
 from .folding import FoldLayout, fold_into_weight, recompute_saved_weight
 from .norms import ScaledNorm, scaled_inner_norm
+from .training_hooks import parameters_generation
 from .vector import ScaleVector, VectorSpec
 
 BranchLayout = Literal["qkv", "gated_fc1", "fc1"]
@@ -148,7 +149,7 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("ScaledColumnParallelLinear folds its own weight; do not pass one")
         if runtime_gather_output:
             raise ValueError("ScaledColumnParallelLinear returns TP-local outputs")
-        if self.sv.fold_once_per_step and torch.is_grad_enabled() and self._folds():
+        if self._fold_per_step() and self._folds():
             out, bias = super().forward(input_, weight=self._step_folded_weight())
         else:
             w_eff = self.folded_weight()
@@ -165,7 +166,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
     def _refold(self) -> torch.Tensor:
         return self.folded_weight().detach()
 
-    # -- fold once per optimizer step (DESIGN.md option (b), opt-in) ------------------------------
+    # -- fold once per optimizer step (opt-in; always under FP8, where the fold feeds the FP8 cast) --
+    def _fold_per_step(self) -> bool:
+        return self.sv.fold_once_per_step and torch.is_grad_enabled()
+
     def _folds(self) -> bool:
         return bool(self.input_scales) or any(b not in self.inner_norm_branches for b in self.output_scales)
 
@@ -180,7 +184,8 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         (``flush_step_fold``, called before gradients are reduced) instead of once per micro-batch. Costs
         two weight-sized buffers per folded linear (the leaf and its gradient).
         """
-        key = tuple((p.data_ptr(), p._version) for p in self._fold_params())
+        # writes through .data (mixed-precision copies, parameter all-gathers) do not bump _version
+        key = (parameters_generation(),) + tuple((p.data_ptr(), p._version) for p in self._fold_params())
         if self._step_fold is None or self._step_fold_key != key:
             if self._step_fold is not None and self._step_fold.grad is not None:
                 raise RuntimeError("the parameters changed before the folded-weight gradient was flushed; "

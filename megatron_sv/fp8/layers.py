@@ -1,0 +1,76 @@
+"""Megatron-Core parallel linears whose GEMMs run in FP8 (the local backend's ``--fp8-format``).
+
+Each class is its bf16 counterpart with ``_forward_impl`` (the GEMM + tensor-parallel communication that
+Megatron's ``forward`` delegates to) replaced by ``fp8_parallel_linear``. Everything else (SP input
+handling, output reductions, bias, checkpoint schema) is inherited, so an FP8 model has exactly the
+parameters and checkpoint keys of the bf16 one: checkpoints move freely between FP8 and bf16 runs.
+
+Scale vectors (``FP8ScaledColumnParallelLinear``): the layer always folds once per optimizer step into a
+W_eff leaf (``ScaledColumnParallelLinear._step_folded_weight``), and the FP8 cast of that leaf is the only
+pass over the weight per step: gamma_b (one per branch, so it cannot ride on the shared activation) and u
+are inside the weight's quantization. Under rowwise scaling each output row of W_eff gets its own scale,
+so |u_r| lands in that row's fp32 scale and the row's FP8 values are those of W diag(gamma) (see
+docs/fp8.md for the error model).
+"""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
+
+from .linear import FP8WeightCache, TPShards, fp8_parallel_linear
+from .recipe import FP8Recipe, check_fp8_dims
+
+
+class FP8LinearMixin:
+    """Put before a Megatron parallel linear in the bases; ``fp8`` is the recipe."""
+
+    _column_parallel: bool
+
+    def __init__(self, *args, fp8: FP8Recipe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp8 = fp8
+        self.fp8_weights = FP8WeightCache()
+        # the wgrad GEMM returns the gradient; Megatron's fused main_grad accumulation is a bf16 kernel
+        self.gradient_accumulation_fusion = False
+        if self._column_parallel:
+            in_f, out_f = self.input_size, self.output_size_per_partition
+        else:
+            in_f, out_f = self.input_size_per_partition, self.output_size
+        check_fp8_dims(f"{type(self).__name__} ({self.input_size} -> {self.output_size})",
+                       input_features=in_f, output_features=out_f)
+        tp_group = getattr(self, "tp_group", None)
+        self._fp8_shards = TPShards(group=tp_group, input_sharded=not self._column_parallel,
+                                    output_sharded=self._column_parallel)
+
+    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None,
+                      tp_group=None, **unused):
+        if grad_output_buffer is not None:
+            raise ValueError("deferred embedding wgrad is not supported by FP8 linears")
+        fp8w = self.fp8_weights.get(weight, self.fp8, self._fp8_shards)
+        return fp8_parallel_linear(input, weight, bias, fp8w, self.fp8, self._fp8_shards,
+                                   allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                                   tp_group=tp_group)
+
+
+class FP8ColumnParallelLinear(FP8LinearMixin, ColumnParallelLinear):
+    _column_parallel = True
+
+
+class FP8RowParallelLinear(FP8LinearMixin, RowParallelLinear):
+    _column_parallel = False
+
+
+class FP8PostNormRowParallelLinear(FP8LinearMixin, PostNormRowParallelLinear):
+    _column_parallel = False
+
+
+class FP8ScaledColumnParallelLinear(FP8LinearMixin, ScaledColumnParallelLinear):
+    """Scale vectors folded once per step; the fold's FP8 cast is the step's only pass over W."""
+
+    _column_parallel = True
+
+    def _fold_per_step(self) -> bool:
+        return True
