@@ -9,11 +9,15 @@ setup(
     # modeling code copied next to exported dnp/unified checkpoints (trust_remote_code)
     package_data={"megatron_sv.conversion": ["remote_code/*.py"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    # The declared ranges are the tested ones (docs/versions.md): the CPU adapter patches Megatron-Core
+    # internals, so every megatron-core release is checked before it is allowed. megatron-core >= 0.17
+    # needs Python >= 3.12; 0.16.1 is the newest for Python 3.11.
+    python_requires=">=3.11,<3.13",
     install_requires=[
-        # unpinned so an installed CPU or CUDA build is kept
-        "torch>=2.4",
-        "megatron-core>=0.16.1",
+        # any 2.13.x keeps an installed CPU or CUDA build of it
+        "torch>=2.13,<2.14",
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core==0.19.2; python_version >= '3.12'",
         "numpy",
         "psutil",
         "sentencepiece",
