@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pre-train a GPT with scale vectors (PAPER.md) on Megatron-Core. Megatron-LM's flag names; see
+"""Pre-train a GPT with scale vectors (docs/method.md) on Megatron-Core. Megatron-LM's flag names; see
 `python pretrain_gpt_sv.py --help` and examples/pretrain_gpt_sv.sh. Launch with torchrun or srun."""
 
 import os

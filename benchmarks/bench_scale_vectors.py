@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ALL = ["none", "standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]
 # Megatron-Core's own local layers (with an SP-capable norm and SDPA attention): the baseline that
-# `standard` on our specs is compared with (DESIGN.md: >= 0.98x its speed).
+# `standard` on our specs is compared with (target: >= 0.98x its speed).
 MEGATRON_REFERENCE = "megatron-ref"
 
 

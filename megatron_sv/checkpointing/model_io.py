@@ -4,7 +4,7 @@ recorded in a checkpoint's saved args, and the args a converted checkpoint must 
 
 The training entry point saves ``args`` (plain types, see training.arguments.args_for_checkpoint) in the
 common state of every checkpoint; these helpers read and write the same keys without importing the
-training package (tools -> conversion -> checkpointing, DESIGN.md "Architecture").
+training package (imports point down: tools -> conversion -> checkpointing).
 """
 
 from __future__ import annotations

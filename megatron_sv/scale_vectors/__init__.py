@@ -1,4 +1,4 @@
-"""The scale-vector method (docs/method.md): config and presets, vectors, norms, folded linears, WD groups."""
+"""The scale-vector method (docs/method.md, docs/scale_vectors.md): config and presets, vectors, norms, folded linears, WD groups."""
 
 from megatron_sv._lazy import lazy_exports
 

@@ -1,6 +1,6 @@
 """The scale-vector method as a set of independent switches, and the paper's named presets.
 
-Every named strategy of PAPER.md is a preset of four switches (``ScaleVectorConfig``); users may start
+Every named strategy of the paper (docs/method.md) is a preset of four switches (``ScaleVectorConfig``); users may start
 from a preset and override single switches (``--sv-*`` flags). Validation happens here, before any model
 is built, so a bad combination fails with a clear message instead of a shape error deep in a layer.
 """
@@ -24,7 +24,7 @@ ROLES = ("input", "output")
 
 @dataclass(frozen=True)
 class ScaleVectorConfig:
-    """One switch per component of the method (PAPER.md, "Our precise definitions").
+    """One switch per component of the method (docs/method.md, "Our precise definitions").
 
     learnable: False removes every learnable scale (strategy ``none``): norms compute N(h) only.
     branch_specific: HG. Each input-side branch (q, k, v, gate, up, router, every expert's gate/up) gets
@@ -97,7 +97,7 @@ def _check_choice(name: str, value, choices):
         raise ValueError(f"scale-vector {name} must be one of {list(choices)}, got {value!r}")
 
 
-# The paper's strategies (PAPER.md table). `standard` is the Megatron baseline.
+# The paper's strategies (docs/method.md table). `standard` is the Megatron baseline.
 STRATEGIES: dict[str, ScaleVectorConfig] = {
     "none": ScaleVectorConfig(learnable=False),
     "standard": ScaleVectorConfig(),

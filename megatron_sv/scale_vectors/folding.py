@@ -6,7 +6,7 @@ A fused projection (linear_qkv, linear_fc1, the router) is seen as a weight of s
 Input-side vectors are given per slot ([slots, in]); output-side vectors per row ([groups, slots, rows]).
 
 ``FoldScaleVectors`` is an autograd function that saves only W and the small vectors, never a folded
-copy: backward recomputes what it needs (DESIGN.md "Performance design", option (a)). Together with
+copy: backward recomputes what it needs (docs/scale_vectors.md, "How it is computed"). Together with
 ``recompute_saved_weight`` the GEMM does not keep W_eff alive between forward and backward either, so
 folding costs no activation-lifetime memory.
 """

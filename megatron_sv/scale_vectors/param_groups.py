@@ -1,6 +1,6 @@
 """Weight decay by norm role (IWD) as Megatron-Core optimizer param-group overrides.
 
-Roles (PAPER.md): an Input-Norm vector feeds a linear map (pre-norm gamma, HG/DP/DNP input-side gamma_b,
+Roles (docs/method.md): an Input-Norm vector feeds a linear map (pre-norm gamma, HG/DP/DNP input-side gamma_b,
 the final norm's gamma); an Output-Norm vector sets a sub-module's output scale (output-side u_b,
 QK-norm, post-sub-layer norms). A reparameterized vector's magnitude and direction inherit its role.
 Every scale-vector parameter carries ``sv_role`` (set by ``ScaleVector``), so nothing here matches names.

@@ -1,7 +1,7 @@
 """Autograd-aware reductions across a tensor-parallel group, used by the scale-vector layers.
 
 Megatron's ``finalize_model_grads`` reduces replicated parameters only when they carry the
-``sequence_parallel`` attribute or a q/k_layernorm name (DESIGN.md, "silent-correctness hazards"). Our
+``sequence_parallel`` attribute or a q/k_layernorm name (Megatron-LM issues 1446, 1528, 7452). Our
 vectors do not rely on that: each vector states how its gradient is reduced and the reduction happens
 inside autograd, so the rule holds at any TP/SP layout without name matching.
 """

@@ -116,7 +116,7 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
         bf16=layout.bf16,
         pipeline_dtype=dtype,
         # Full weights are initialized on CPU from one generator and then split, so a model has the same
-        # weights at any TP/PP/EP layout (exact cross-layout equivalence, DESIGN.md "Testing").
+        # weights at any TP/PP/EP layout (exact cross-layout equivalence is what the parallel tests check).
         use_cpu_initialization=True,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
