@@ -262,12 +262,13 @@ def load_checkpoint(
     scheduler=None,
     load_rng: bool = True,
     check_args: Optional[Callable[[Dict[str, Any]], None]] = None,
+    check_common: Optional[Callable[[Dict[str, Any]], None]] = None,
     log: Callable[[str], None] = print,
 ) -> Optional[Dict[str, Any]]:
     """Load the tracker's checkpoint into the model (and optimizer / scheduler when given). Returns the
     non-tensor state (iteration, consumed_train_samples, args, ...) or None when ``root`` holds no
     checkpoint. ``check_args(saved_args)`` may raise to refuse an incompatible checkpoint before any
-    tensor is read."""
+    tensor is read; so may ``check_common(common_state)``."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 
@@ -278,6 +279,8 @@ def load_checkpoint(
     common = load_common(root, iteration)
     if check_args is not None:
         check_args(common.get("args", {}))
+    if check_common is not None:  # the whole common state (args, scheduler state, ...)
+        check_common(common)
 
     model = _unwrap(model_chunks)
     state: Dict[str, Any] = {"model": model.sharded_state_dict()}

@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load model weights only (default: off)")
     g.add_argument("--no-load-rng", action="store_true", default=None,
                    help="do not restore the random-number states (default: off)")
+    # Megatron-LM's names, underscores included
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   default=None, help="on resume, use the command-line LR/WD schedule instead of the "
+                   "checkpoint's (default: off: a differing schedule is refused)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true", default=None, help="on resume, use the checkpoint's LR/WD schedule and "
+                   "ignore the command-line values (default: off: a differing schedule is refused)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and restart iteration / consumed samples / schedule at 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -249,6 +256,11 @@ class ConditionalFlag:
     default: object
     needs: str  # what makes the flag apply, for the message
     applies: Callable[[argparse.Namespace], bool]
+    flag: str = ""  # the command-line spelling when it is not --dest-with-dashes
+
+    @property
+    def name(self) -> str:
+        return self.flag or "--" + self.dest.replace("_", "-")
 
 
 CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
@@ -265,6 +277,10 @@ CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
                     lambda a: a.use_distributed_optimizer),
     ConditionalFlag("no_load_optim", False, "--load", lambda a: bool(a.load)),
     ConditionalFlag("no_load_rng", False, "--load", lambda a: bool(a.load)),
+    ConditionalFlag("override_opt_param_scheduler", False, "--load (without --finetune)",
+                    lambda a: bool(a.load) and not a.finetune, flag="--override-opt_param-scheduler"),
+    ConditionalFlag("use_checkpoint_opt_param_scheduler", False, "--load (without --finetune)",
+                    lambda a: bool(a.load) and not a.finetune, flag="--use-checkpoint-opt_param-scheduler"),
     ConditionalFlag("sv_final_norm_role", None, "--sv-weight-decay-policy iwd (roles only choose weight decay)",
                     lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd"),
     ConditionalFlag("tokenizer_model", None, "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",
@@ -290,7 +306,7 @@ def check_conditional_flags(args: argparse.Namespace) -> None:
     for flag in CONDITIONAL_FLAGS:
         value = getattr(args, flag.dest)
         if value is not None and not flag.applies(args):
-            _fail(f"--{flag.dest.replace('_', '-')} only applies with {flag.needs}; it would be ignored here")
+            _fail(f"{flag.name} only applies with {flag.needs}; it would be ignored here")
     for flag in CONDITIONAL_FLAGS:
         if getattr(args, flag.dest) is None:
             setattr(args, flag.dest, flag.default)
@@ -305,6 +321,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     world_size = world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
     check_conditional_flags(args)
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        _fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other "
+              "(command-line schedule or the checkpoint's); give one")
     if args.sv_fold_once_per_step and args.transformer_impl == "transformer_engine":
         _fail("--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine (the TE "
               "linears fold per micro-batch); drop one of the two flags")

@@ -21,19 +21,53 @@ import torch
 from megatron_sv.scale_vectors import training_hooks as sv_hooks
 from megatron_sv.training.arguments import MODEL_DEFINING_ARGS, args_for_checkpoint, padded_vocab_size
 from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED, EXIT_OK, report_bad_args
+from megatron_sv.training.lr_schedule import adopt_checkpoint_wsd, build_scheduler, check_schedule
 
 
 class TrainingDivergedError(RuntimeError):
     """A non-finite loss or gradient norm; the last good checkpoint is left untouched."""
 
 
+class _NanGradient(torch.autograd.Function):
+    """Test hook (--inject-nan-at-iteration): the loss stays finite and its gradient is NaN, as when a
+    backward pass overflows; only the gradient check before the optimizer step can see it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def _loss_func(loss_mask: torch.Tensor, poison: bool, output_tensor: torch.Tensor):
-    losses = output_tensor.float()
+    """Megatron's token-weighted loss: (sum of masked token losses, number of loss tokens, report).
+
+    With ``calculate_per_token_loss`` the schedule adds up the sums and the token counts over all
+    micro-batches, and finalize_model_grads divides the gradients by the token count of the whole global
+    batch (all micro-batches, all data-parallel ranks): the step minimizes sum(losses) / tokens, not a
+    mean of per-micro-batch means, which differs as soon as loss masks are uneven."""
     mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1.0)
+    loss_sum = torch.sum(output_tensor.float().view(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
     if poison:
-        loss = loss * float("nan")
-    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
+        loss_sum = _NanGradient.apply(loss_sum)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+def gradients_are_finite(ddp_model, device) -> bool:
+    """True when every reduced gradient on every rank is finite (one pass over the gradient buffers and
+    one all-reduce). Runs after the data-parallel reduction, before the optimizer reads anything; a NaN
+    in any rank's local gradient reaches the reduced shard of some rank, so the verdict is global."""
+    buffers = list(getattr(ddp_model, "buffers", [])) + list(getattr(ddp_model, "expert_parallel_buffers", []))
+    # A buffer's sum is finite iff all its elements are (short of an fp32 overflow, far beyond sane gradients).
+    sums = [b.grad_data.sum(dtype=torch.float32) for b in buffers]
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    if sums:
+        bad = (~torch.isfinite(torch.stack(sums))).any().float().view(1)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 class Trainer:
@@ -79,6 +113,7 @@ class Trainer:
                                 a.sequence_parallel, a.expert_model_parallel_size, a.bf16)
         fp8 = dict(fp8=a.fp8_format, fp8_recipe=a.fp8_recipe) if a.fp8_format else {}
         self.config = transformer_config(shape, layout, **fp8)
+        self.config.calculate_per_token_loss = True  # token-weighted loss (see _loss_func); DDP sums grads
         model = build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl)
         model.to(self.device)
         ddp_config = DistributedDataParallelConfig(
@@ -92,7 +127,6 @@ class Trainer:
 
     def build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_sv.scale_vectors.param_groups import scale_vector_config_overrides
 
@@ -105,13 +139,7 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(
             opt_config, [self.model], config_overrides=scale_vector_config_overrides(a.sv_config))
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr,
-            lr_warmup_steps=a.lr_warmup_iters, lr_decay_steps=a.lr_decay_iters,
-            lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
-            wd_incr_steps=a.train_iters, wd_incr_style="constant",
-            wsd_decay_steps=a.lr_wsd_decay_iters, lr_wsd_decay_style=a.lr_wsd_decay_style,
-        )
+        self.scheduler = build_scheduler(self.optimizer, a)
 
     def report_start(self):
         from megatron_sv.scale_vectors.param_groups import format_param_group_table, param_group_table
@@ -149,6 +177,11 @@ class Trainer:
                 f"--global-batch-size {self.args.global_batch_size} differs from the checkpoint's "
                 f"{saved.get('global_batch_size')}; the data order would change (use --finetune to restart)")
 
+    def _check_saved_schedule(self, common: Dict) -> None:
+        saved_args = common.get("args", {})
+        check_schedule(self.scheduler, common.get("opt_param_scheduler"), saved_args, self.args)
+        adopt_checkpoint_wsd(self.scheduler, saved_args, self.args)
+
     def maybe_load(self):
         from megatron_sv.checkpointing import load_checkpoint
 
@@ -159,7 +192,8 @@ class Trainer:
         state = load_checkpoint(
             a.load, [self.model], optimizer=None if weights_only else self.optimizer,
             scheduler=None if a.finetune else self.scheduler,
-            load_rng=not (a.no_load_rng or a.finetune), check_args=self._check_saved_args, log=self.out.print)
+            load_rng=not (a.no_load_rng or a.finetune), check_args=self._check_saved_args,
+            check_common=None if a.finetune else self._check_saved_schedule, log=self.out.print)
         if state is None:
             self.out.print(f"no checkpoint in {a.load} yet: starting from scratch")
             return
@@ -193,12 +227,12 @@ class Trainer:
         return output, partial(_loss_func, batch["loss_mask"], poison)
 
     def _reduce_loss(self, reduced: List[Dict]) -> float:
-        """Mean micro-batch loss over data-parallel ranks, known to every rank."""
+        """Token-weighted loss of the global batch (sum of masked token losses / loss tokens over all
+        micro-batches and data-parallel ranks), known to every rank."""
         ps = self.ps
         contrib = torch.zeros(2, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
-            contrib[0] = torch.stack([r["lm loss"] for r in reduced]).double().sum()
-            contrib[1] = len(reduced)
+            contrib += torch.stack([r["lm loss"] for r in reduced]).double().sum(dim=0)
         torch.distributed.all_reduce(contrib)
         return float(contrib[0] / contrib[1])
 
@@ -213,13 +247,15 @@ class Trainer:
             data_iterator=iter(batches), model=[self.model], num_microbatches=a.num_microbatches,
             seq_length=a.seq_length, micro_batch_size=a.micro_batch_size, forward_only=False)
         loss = self._reduce_loss(reduced)
+        # Both checks run before the optimizer step: a diverged step applies nothing.
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: the loss is {loss}")
+        if not gradients_are_finite(self.model, self.device):
+            raise TrainingDivergedError(f"iteration {self.iteration + 1}: non-finite (NaN/Inf) gradients before "
+                                        f"the optimizer step (loss {loss:.6E}); no update was applied")
         sv_hooks.before_optimizer_step([self.model], self.optimizer)
         ok, grad_norm, _ = self.optimizer.step()
         sv_hooks.after_parameters_changed([self.model], self.optimizer)
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise TrainingDivergedError(f"iteration {self.iteration + 1}: the gradient norm is {grad_norm}")
         if not ok:
             self.out.print(f"iteration {self.iteration + 1}: optimizer step skipped")
         self.scheduler.step(increment=1)
