@@ -10,7 +10,7 @@ amax of the tensor being cast (no amax history).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -78,3 +78,22 @@ def check_fp8_dims(what: str, **dims: int) -> None:
         sizes = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise FP8Unsupported(f"FP8 GEMMs need sizes divisible by {FP8_DIM_MULTIPLE}; {what} has {sizes} "
                              "(per tensor-parallel rank): change the model shape or drop --fp8-format")
+
+
+def check_fp8_model_dims(*, hidden_size: int, num_attention_heads: int, num_query_groups: int, kv_channels: int,
+                         ffn_hidden_size: int, gated: bool, tp: int,
+                         moe_ffn_hidden_size: Optional[int] = None) -> None:
+    """Every FP8 linear of a GPT layer, with its per-TP-rank input and output sizes (the LM head stays bf16)."""
+    fc1_out = (2 if gated else 1)
+    linears = {
+        "linear_qkv": (hidden_size, (num_attention_heads + 2 * num_query_groups) * kv_channels // tp),
+        "linear_proj": (num_attention_heads * kv_channels // tp, hidden_size),
+    }
+    if moe_ffn_hidden_size is None:
+        linears["linear_fc1"] = (hidden_size, fc1_out * ffn_hidden_size // tp)
+        linears["linear_fc2"] = (ffn_hidden_size // tp, hidden_size)
+    else:
+        linears["expert linear_fc1"] = (hidden_size, fc1_out * moe_ffn_hidden_size // tp)
+        linears["expert linear_fc2"] = (moe_ffn_hidden_size // tp, hidden_size)
+    for name, (in_f, out_f) in linears.items():
+        check_fp8_dims(name, input_features=in_f, output_features=out_f)

@@ -153,10 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
-                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine; "
-                        "default: no FP8)")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default=None,
-                   help="FP8 scaling recipe (default: delayed)")
+                   help="FP8 GEMMs in every column/row-parallel linear (needs --bf16): e4m3 everywhere, or "
+                        "hybrid (e5m2 gradients). --transformer-impl local: torch._scaled_mm (docs/fp8.md); "
+                        "transformer_engine: TE's FP8 (default: no FP8)")
+    g.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"],
+                   default=None,
+                   help="FP8 scaling: local backend tensorwise or rowwise (dynamic, from the current amax); "
+                        "Transformer Engine delayed, tensorwise, mxfp8 or blockwise (default: tensorwise on "
+                        "local, delayed on transformer_engine)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
                         "and fused norm+linear for `standard` (CUDA + Transformer Engine)")
@@ -272,7 +276,7 @@ CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
     ConditionalFlag("moe_aux_loss_coeff", 0.0, "--num-experts", lambda a: bool(a.num_experts)),
     ConditionalFlag("lr_wsd_decay_style", "exponential", "--lr-decay-style wsd",
                     lambda a: a.lr_decay_style == "wsd"),
-    ConditionalFlag("fp8_recipe", "delayed", "--fp8-format", lambda a: a.fp8_format is not None),
+    ConditionalFlag("fp8_recipe", None, "--fp8-format", lambda a: a.fp8_format is not None),  # default: by backend
     ConditionalFlag("dist_ckpt_optim_format", "fully_reshardable", "--use-distributed-optimizer",
                     lambda a: a.use_distributed_optimizer),
     ConditionalFlag("no_load_optim", False, "--load", lambda a: bool(a.load)),
@@ -440,12 +444,18 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if args.num_experts:
             _fail("--transformer-impl transformer_engine does not support MoE (--num-experts) yet; "
                   "use --transformer-impl local")
+    args.fp8 = None  # the local backend's FP8Recipe, set by _check_local_fp8
     if args.fp8_format is not None:
-        if args.transformer_impl != "transformer_engine":
-            _fail("--fp8-format needs --transformer-impl transformer_engine (NVIDIA GPUs with Transformer "
-                  "Engine); the local backend has no FP8 GEMMs")
         if not args.bf16:
             _fail("--fp8-format needs --bf16 (FP8 GEMMs with bf16 activations and master weights in fp32)")
+        if args.transformer_impl == "transformer_engine":
+            args.fp8_recipe = args.fp8_recipe or "delayed"
+            if args.fp8_recipe == "rowwise":
+                _fail("--fp8-recipe rowwise is the local backend's (torch._scaled_mm); Transformer Engine "
+                      "offers delayed, tensorwise, mxfp8 and blockwise")
+        else:
+            args.fp8_recipe = args.fp8_recipe or "tensorwise"
+            _check_local_fp8(args, groups)
 
     # data and tokenizer
     if args.mock_data and args.data_path:
@@ -504,6 +514,28 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     except CheckpointError as e:
         _fail(str(e))
     return args
+
+
+def _check_local_fp8(args: argparse.Namespace, groups: int) -> None:
+    """--fp8-format on the local backend: recipe, GEMM sizes per TP rank, and an FP8-capable GPU if any."""
+    # lazy: torch and the model's default FFN width are needed only when FP8 is asked for
+    import torch
+
+    from megatron_sv.fp8.recipe import FP8Recipe, FP8Unsupported, check_fp8_capability, check_fp8_model_dims
+    from megatron_sv.models.gpt.model import default_ffn_hidden_size
+
+    ffn = default_ffn_hidden_size(args.hidden_size, args.swiglu, args.ffn_hidden_size)
+    try:
+        args.fp8 = FP8Recipe(args.fp8_format, args.fp8_recipe)
+        check_fp8_model_dims(
+            hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads, num_query_groups=groups,
+            kv_channels=args.hidden_size // args.num_attention_heads, ffn_hidden_size=ffn, gated=args.swiglu,
+            tp=args.tensor_model_parallel_size,
+            moe_ffn_hidden_size=(args.moe_ffn_hidden_size or ffn) if args.num_experts else None)
+        if torch.cuda.is_available():
+            check_fp8_capability(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+    except FP8Unsupported as e:
+        _fail(str(e))
 
 
 def _same_dir(a: str, b: str) -> bool:

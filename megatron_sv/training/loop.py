@@ -111,10 +111,14 @@ class Trainer:
         )
         layout = ParallelLayout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                 a.sequence_parallel, a.expert_model_parallel_size, a.bf16)
-        fp8 = dict(fp8=a.fp8_format, fp8_recipe=a.fp8_recipe) if a.fp8_format else {}
-        self.config = transformer_config(shape, layout, **fp8)
+        # FP8: Transformer Engine reads its recipe from the config; the local backend's FP8 linears get theirs
+        # (a.fp8, set by validate_args) through the layer spec
+        te_fp8 = a.fp8_format and a.transformer_impl == "transformer_engine"
+        te_fp8_config = dict(fp8=a.fp8_format, fp8_recipe=a.fp8_recipe) if te_fp8 else {}
+        self.config = transformer_config(shape, layout, **te_fp8_config)
         self.config.calculate_per_token_loss = True  # token-weighted loss (see _loss_func); DDP sums grads
-        model = build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl)
+        model = build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl,
+                                fp8=getattr(a, "fp8", None))
         model.to(self.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -154,6 +158,9 @@ class Trainer:
             f"micro-batches x DP {a.data_parallel_size}; seq {a.seq_length}; vocab {a.padded_vocab_size} "
             f"(tokenizer {self.tokenizer.vocab_size}); device {self.device.type}")
         self.out.print(f"scale vectors: strategy {a.scale_vector_strategy} ({a.sv_config.describe()})")
+        if getattr(a, "fp8", None) is not None:
+            self.out.print(f"precision: {a.fp8.describe()} in every column/row-parallel linear "
+                           "(torch._scaled_mm); LM head and everything else bf16")
         rows = param_group_table(a.sv_config, [module], a.weight_decay)
         self.out.print("parameter groups (rank 0's shard):\n" + format_param_group_table(rows))
         self.out.print(str(parameter_report([module])) + " (rank 0's shard)")

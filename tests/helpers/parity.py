@@ -48,6 +48,8 @@ def train_steps(
     keep_process_group: bool = False,
     save_init_to: Optional[str] = None,
     load_init_from: Optional[str] = None,
+    bf16: bool = False,
+    tokens: Optional[Callable[[int, int], torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """Initialize distributed state with ``parallel`` (tensor/pipeline/expert_model_parallel_size),
     build the baseline model, train ``steps`` steps and return {"losses": [...], "grads": {...}}.
@@ -57,7 +59,9 @@ def train_steps(
     the main_grad after the first step's finalize_model_grads for parameter names accepted by
     ``collect_grads``. ``save_init_to`` / ``load_init_from``: a torch_dist checkpoint of the
     initial weights (written / read with megatron's dist_checkpointing), to start layouts whose
-    initialization differs (e.g. expert parallel) from the same weights.
+    initialization differs (e.g. expert parallel) from the same weights. ``bf16``: Megatron's mixed-precision
+    optimizer (fp32 master weights; build the model in bf16). ``tokens(global_batch, step)`` replaces the
+    random tokens (e.g. a learnable sequence for loss curves).
     ``build_model(parallel) -> (config, model)`` replaces the baseline model (e.g. a scale-vector
     GPT); ``optimizer_overrides()`` gives get_megatron_optimizer's config_overrides; ``finish(model)``
     runs on the unwrapped model after training and its result is returned under "finish".
@@ -106,13 +110,14 @@ def train_steps(
             use_distributed_optimizer=use_distributed_optimizer,
         )
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-        from megatron_sv.scale_vectors.training_hooks import wrap_finalize
+        from megatron_sv.scale_vectors.training_hooks import after_parameters_changed, wrap_finalize
 
         config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [model])
         config.no_sync_func = model.no_sync
         opt_config = OptimizerConfig(
             optimizer="adam", lr=1e-2, min_lr=1e-2, weight_decay=0.01, adam_beta1=0.9,
-            adam_beta2=0.95, clip_grad=1.0, bf16=False, fp16=False, params_dtype=torch.float32,
+            adam_beta2=0.95, clip_grad=1.0, bf16=bf16, fp16=False,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=use_distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(
@@ -128,7 +133,8 @@ def train_steps(
         losses: List[float] = []
         grads: Dict[str, torch.Tensor] = {}
         for step in range(steps):
-            data = synthetic_tokens(per_rank * dp_size, seed=1000 + step)
+            data = (synthetic_tokens(per_rank * dp_size, seed=1000 + step) if tokens is None
+                    else tokens(per_rank * dp_size, step))
             mine = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             batches = [
                 (mine[i:i + micro_batch_size, :-1].contiguous(), mine[i:i + micro_batch_size, 1:].contiguous())
@@ -151,6 +157,7 @@ def train_steps(
                         grads[name] = p.main_grad.detach().cpu().clone()
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
+            after_parameters_changed([model], optimizer)  # as the training loop does (parameter caches)
             # mean of the micro-batch losses on the last stage, averaged over data-parallel ranks
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 local = torch.stack([r["lm loss"] for r in reduced]).mean()

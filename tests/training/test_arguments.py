@@ -33,7 +33,12 @@ def test_derived_values():
     a = _validate(["--no-sv-branch-specific", "--sv-reparam", "er"], world_size=1)
     assert a.sv_config.branch_specific is False and a.sv_config.reparam == "er"
     # conditional flags get their defaults once checked; given where they apply they are kept
-    assert (a.rotary_base, a.moe_router_topk, a.fp8_recipe, a.no_load_optim) == (10000, 2, "delayed", False)
+    assert (a.rotary_base, a.moe_router_topk, a.fp8_recipe, a.no_load_optim) == (10000, 2, None, False)
+    # --fp8-recipe defaults by backend: tensorwise for the local FP8 linears
+    a = _validate(["--fp8-format", "hybrid", "--bf16"], world_size=1)
+    assert (a.fp8.format, a.fp8.scaling, a.fp8_recipe) == ("hybrid", "tensorwise", "tensorwise")
+    a = _validate(["--fp8-format", "e4m3", "--fp8-recipe", "rowwise", "--bf16"], world_size=1)
+    assert (a.fp8.format, a.fp8.scaling) == ("e4m3", "rowwise")
     a = _validate(["--num-experts", "4", "--moe-router-topk", "1", "--sv-final-norm-role", "output"], world_size=1)
     assert a.moe_router_topk == 1 and a.sv_config.final_norm_role == "output"
 
@@ -50,7 +55,13 @@ def test_derived_values():
     (["--lr-decay-style", "wsd"], 1, "needs --lr-wsd-decay-iters"),
     (["--min-lr", "1.0"], 1, "--min-lr"),
     (["--optimizer", "muon"], 1, "emerging-optimizers"),
-    (["--fp8-format", "hybrid"], 1, "--fp8-format needs --transformer-impl transformer_engine"),
+    (["--fp8-format", "hybrid"], 1, "--fp8-format needs --bf16"),
+    (["--fp8-format", "hybrid", "--bf16", "--fp8-recipe", "delayed"], 1,
+     "--fp8-recipe on the local backend must be one of"),
+    (["--fp8-format", "hybrid", "--bf16", "--ffn-hidden-size", "40"], 1,
+     "FP8 GEMMs need sizes divisible by 16; linear_fc2 has input_features 40"),
+    (["--fp8-format", "hybrid", "--bf16", "--tensor-model-parallel-size", "2", "--hidden-size", "48",
+      "--num-attention-heads", "2"], 2, "linear_qkv has output_features 72"),
     (["--transformer-impl", "transformer_engine"], 1, "--transformer-impl transformer_engine: "),
     (["--scale-vector-strategy", "none", "--sv-placement", "dual"], 1, "scale vectors are disabled"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),

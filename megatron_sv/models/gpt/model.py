@@ -16,10 +16,20 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_sv.fp8.recipe import FP8Recipe
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
 from megatron_sv.scale_vectors.norms import check_norm_kind
 
 from .sv_layer_specs import LayerOptions, get_sv_block_spec
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool, ffn_hidden_size: Optional[int] = None) -> int:
+    """--ffn-hidden-size, or its default: 4h, or 8h/3 rounded up to a multiple of 64 for SwiGLU."""
+    if ffn_hidden_size is not None:
+        return ffn_hidden_size
+    if swiglu:
+        return int(((8 * hidden_size / 3) + 63) // 64 * 64)
+    return 4 * hidden_size
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,7 @@ class GPTShape:
     moe_aux_loss_coeff: float = 0.0  # --moe-aux-loss-coeff
 
     def resolved_ffn_hidden_size(self) -> int:
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        if self.swiglu:
-            return int(((8 * self.hidden_size / 3) + 63) // 64 * 64)
-        return 4 * self.hidden_size
+        return default_ffn_hidden_size(self.hidden_size, self.swiglu, self.ffn_hidden_size)
 
 
 @dataclass(frozen=True)
@@ -131,16 +137,18 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
 
 
 def layer_options(shape: GPTShape, core_attention=None, init_seed: Optional[int] = None,
-                  transformer_impl: str = "local") -> LayerOptions:
+                  transformer_impl: str = "local", fp8: Optional[FP8Recipe] = None) -> LayerOptions:
     return LayerOptions(num_layers=shape.num_layers, gated_mlp=shape.swiglu, num_experts=shape.num_experts,
                         qk_layernorm=shape.qk_layernorm, post_sublayer_norm=shape.post_sublayer_norm,
-                        core_attention=core_attention, init_seed=init_seed, transformer_impl=transformer_impl)
+                        core_attention=core_attention, init_seed=init_seed, transformer_impl=transformer_impl,
+                        fp8=fp8)
 
 
 def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerConfig,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                     core_attention=None, init_seed: Optional[int] = None,
-                    vp_stage: Optional[int] = None, transformer_impl: str = "local") -> GPTModel:
+                    vp_stage: Optional[int] = None, transformer_impl: str = "local",
+                    fp8: Optional[FP8Recipe] = None) -> GPTModel:
     """The GPT for this pipeline stage (first/last stage decided from parallel_state when None).
 
     ``init_seed``: draw every layer's (and expert's) weights from this seed and its global position,
@@ -148,6 +156,8 @@ def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerC
     generator's current initial seed (``torch.manual_seed`` before building).
     ``transformer_impl``: "local" (runs anywhere) or "transformer_engine" (TE GEMMs, FP8 via
     ``config.fp8``; needs CUDA and TE, see models/gpt/te_layer_specs.py).
+    ``fp8``: on the local backend, run every column/row-parallel linear's GEMMs in FP8 with this recipe
+    (torch._scaled_mm; the LM head stays in the model's precision; see docs/fp8.md).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -155,7 +165,7 @@ def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerC
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if init_seed is None:
         init_seed = torch.initial_seed()
-    opts = layer_options(shape, core_attention, init_seed, transformer_impl)
+    opts = layer_options(shape, core_attention, init_seed, transformer_impl, fp8)
     spec = get_sv_block_spec(sv, opts, config, vp_stage=vp_stage)
     model = GPTModel(
         config=config,

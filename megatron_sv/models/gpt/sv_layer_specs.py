@@ -5,6 +5,8 @@ slot of Megatron's TransformerLayer, for a given ``ScaleVectorConfig``:
 
   input_layernorm / pre_mlp_layernorm   ScaledNorm, with the shared gamma unless vectors are per branch
   linear_qkv / linear_fc1 (+ experts)   ScaledColumnParallelLinear (HG gamma_b, DP/DNP u_b, DNP N_b)
+  linear_proj / linear_fc2 (+ experts)  RowParallelLinear (optionally followed by a post-sub-layer norm)
+  (with LayerOptions.fp8 every linear above is its FP8 version, megatron_sv/fp8/layers.py)
   q/k_layernorm                         optional QK-norm (an Output-Norm)
   linear_proj / linear_fc2              optional post-sub-layer norm (Gemma / Peri-LN Output-Norm)
   router                                ScaledTopKRouter (its own gamma/u)
@@ -29,6 +31,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_sv.fp8.layers import FP8PostNormRowParallelLinear, FP8RowParallelLinear, FP8ScaledColumnParallelLinear
+from megatron_sv.fp8.recipe import FP8Recipe
 from megatron_sv.models.gpt.seeding import SeededTransformerLayer
 from megatron_sv.platform.attention import SDPACoreAttention
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
@@ -54,6 +58,22 @@ class LayerOptions:
     core_attention: Optional[type] = None  # SDPA on CPU; a faster kernel may be supplied on GPU
     init_seed: Optional[int] = None  # layout-independent init (see seeding.py); None: Megatron's order
     transformer_impl: str = "local"  # --transformer-impl: "local" or "transformer_engine" (te_layer_specs.py)
+    fp8: Optional[FP8Recipe] = None  # local backend: FP8 GEMMs in every column/row-parallel linear
+
+
+# The FP8 version of each local linear (same parameters and checkpoint keys, GEMMs on torch._scaled_mm).
+FP8_LINEARS = {
+    ScaledColumnParallelLinear: FP8ScaledColumnParallelLinear,
+    RowParallelLinear: FP8RowParallelLinear,
+    PostNormRowParallelLinear: FP8PostNormRowParallelLinear,
+}
+
+
+def _linear(module: type, opts: LayerOptions, **params):
+    """The spec of a column/row-parallel linear slot: ``module``, or its FP8 version under ``opts.fp8``."""
+    if opts.fp8 is not None:
+        module, params = FP8_LINEARS[module], dict(params, fp8=opts.fp8)
+    return ModuleSpec(module=module, params=params) if params else module
 
 
 def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
@@ -77,12 +97,11 @@ def _pre_norm(sv: ScaleVectorConfig) -> ModuleSpec:
 
 
 def _mlp_submodules(sv: ScaleVectorConfig, opts: LayerOptions, expert: bool) -> MLPSubmodules:
-    fc1 = ModuleSpec(module=ScaledColumnParallelLinear,
-                     params=dict(sv=sv, branch_layout="gated_fc1" if opts.gated_mlp else "fc1"))
+    fc1 = _linear(ScaledColumnParallelLinear, opts, sv=sv, branch_layout="gated_fc1" if opts.gated_mlp else "fc1")
     if opts.post_sublayer_norm and not expert:
-        fc2 = ModuleSpec(module=PostNormRowParallelLinear, params=dict(sv=sv))
+        fc2 = _linear(PostNormRowParallelLinear, opts, sv=sv)
     else:
-        fc2 = RowParallelLinear
+        fc2 = _linear(RowParallelLinear, opts)
     return MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)
 
 
@@ -114,18 +133,22 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
     if opts.transformer_impl != "local":
         from .te_layer_specs import check_transformer_impl, get_te_layer_spec
 
+        if opts.fp8 is not None:
+            raise ValueError("LayerOptions.fp8 is the local backend's FP8; Transformer Engine takes its FP8 "
+                             "recipe from TransformerConfig.fp8")
+
         check_transformer_impl(opts.transformer_impl)
         return get_te_layer_spec(sv, opts)
     _check(sv, opts)
     qk_norm = (_norm(sv, has_scale=True, role="output", input_split="heads")
                if opts.qk_layernorm else IdentityOp)
-    linear_proj = (ModuleSpec(module=PostNormRowParallelLinear, params=dict(sv=sv))
-                   if opts.post_sublayer_norm else RowParallelLinear)
+    linear_proj = (_linear(PostNormRowParallelLinear, opts, sv=sv) if opts.post_sublayer_norm
+                   else _linear(RowParallelLinear, opts))
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=partial(ScaledColumnParallelLinear, sv=sv, branch_layout="qkv"),
+            linear_qkv=_linear(ScaledColumnParallelLinear, opts, sv=sv, branch_layout="qkv"),
             core_attention=opts.core_attention or SDPACoreAttention,
             linear_proj=linear_proj,
             q_layernorm=qk_norm,
