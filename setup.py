@@ -28,6 +28,6 @@ setup(
         "hf": ["transformers>=4.45", "safetensors"],
         "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib",
                 # tests: torchao's Float8Linear is the independent oracle of our FP8 linears
-                "torchao>=0.18"],
+                "torchao==0.18.0"],
     },
 )
