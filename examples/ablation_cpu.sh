@@ -1,50 +1,61 @@
 #!/bin/bash
-# Reproduce docs/results/ablation_cpu/ from scratch on a CPU machine (2 cores; 36 runs, ~40-50 min).
+# Run a CPU ablation study and write its report, niced and resumable run by run.
 #
-#   bash examples/ablation_cpu.sh
+#   bash examples/ablation_cpu.sh                                   # examples/studies/ablation_cpu_lr.json
+#   STUDY=examples/studies/ablation_cpu_v1.json bash examples/ablation_cpu.sh   # the first study's plan
+#   PLAN=1 bash examples/ablation_cpu.sh        # the runs, their state, the estimated compute; runs nothing
+#   DRY_RUN=1 bash examples/ablation_cpu.sh     # print every planned run's command; runs nothing
+#   mkdir -p runs && nohup bash examples/ablation_cpu.sh > runs/ablation_cpu_lr.log 2>&1 &   # in the background
 #
 # 1. prepares the default corpus (Python stdlib .py files, sentencepiece 8k, indexed dataset; reused if present)
-# 2. trains every configuration x seed one after another through pretrain_gpt_sv.py (tools/ablation.py;
-#    finished runs are skipped, so rerunning continues an interrupted sweep)
-# 3. measures the overhead of each strategy side by side (benchmarks/bench_scale_vectors.py, same shape)
-# 4. writes tables, CSV and plots (tools/ablation_report.py)
-# Environment: OUT (runs, default runs/ablation_cpu), RESULTS (default docs/results/ablation_cpu), SEEDS,
-# WD_SEEDS, ITERS, DEADLINE_MIN / WD_DEADLINE_MIN (start no new run after this many minutes), DRY_RUN=1.
+#    and exports DATA_PATH / TOKENIZER_MODEL, which the study file names as ${DATA_PATH} / ${TOKENIZER_MODEL}
+# 2. runs the study with `nice -n $NICE` (tools/ablation.py run): the LR sweeps first, then every later stage at
+#    the LRs the sweeps chose; one run at a time. Interrupt it at any time (Ctrl-C / kill): the current run saves
+#    a checkpoint; the same command continues (complete runs are skipped, a partial run resumes).
+# 3. exports the small per-run logs to $RESULTS/logs (committed with the report) and writes the report from them
+#    (tools/ablation_report.py): regenerate it with
+#        python tools/ablation_report.py --runs $RESULTS/logs --out $RESULTS
+# Environment: STUDY, OUT (runs, default runs/<study name>), RESULTS (default docs/results/<study name>),
+# NICE (default 10), DEADLINE_MIN (start no new run after this many minutes), OVERHEAD=1 (also measure the
+# overhead of each strategy at the 4-layer d=128 shape: benchmarks/bench_scale_vectors.py), PYTHON.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
-OUT="${OUT:-runs/ablation_cpu}"
-RESULTS="${RESULTS:-docs/results/ablation_cpu}"
-SEEDS="${SEEDS:-1 2 3}"
-ITERS="${ITERS:-150}"
-WD_SEEDS="${WD_SEEDS:-1 2 3}"
+STUDY="${STUDY:-examples/studies/ablation_cpu_lr.json}"
+NAME=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['name'])" "$STUDY")
+OUT="${OUT:-runs/$NAME}"
+RESULTS="${RESULTS:-docs/results/$NAME}"
+NICE="${NICE:-10}"
 export PYTHONWARNINGS=ignore TORCHINDUCTOR_COMPILE_THREADS=1
+
+if [ -n "${PLAN:-}" ] || [ -n "${DRY_RUN:-}" ]; then
+  export DATA_PATH="${DATA_PATH:-runs/data/stdlib/stdlib_text_document}"
+  export TOKENIZER_MODEL="${TOKENIZER_MODEL:-runs/data/stdlib/spm8000.model}"
+  if [ -n "${PLAN:-}" ]; then exec "$PYTHON" tools/ablation.py plan "$STUDY" --out "$OUT"; fi
+  exec "$PYTHON" tools/ablation.py run "$STUDY" --out "$OUT" --dry-run
+fi
+
+prep=$(nice -n "$NICE" "$PYTHON" examples/prepare_default_corpus.py --out-dir runs/data/stdlib --vocab-size 8000 \
+       | tail -n 2)
+export DATA_PATH=$(echo "$prep" | sed -n 's/^PREFIX=//p')
+export TOKENIZER_MODEL=$(echo "$prep" | sed -n 's/^TOKENIZER=//p')
 T0=$(date +%s)
-
-prep=$("$PYTHON" examples/prepare_default_corpus.py --out-dir runs/data/stdlib --vocab-size 8000 | tail -n 2)
-DATA_PATH=$(echo "$prep" | sed -n 's/^PREFIX=//p')
-TOKENIZER_MODEL=$(echo "$prep" | sed -n 's/^TOKENIZER=//p')
-
-# 4 layers, d=128, 4 heads, seq 256, 8 sequences = 2,048 tokens per step, AdamW (wd 0.1), cosine 3e-3 -> 3e-4,
-# 20 warm-up steps; single process (DP1, 2 threads). Main study: 9 configurations x SEEDS; weight-decay study on
-# standard + QK-norm + post-sub-layer norms (has Output-Norms) with policies megatron / all / iwd
-# (`none` coincides with `megatron` here: every decayable-or-not 1-D parameter is a scale vector).
-COMMON=(--iters "$ITERS" --eval-interval 50 --eval-iters 10 --data-path "$DATA_PATH"
-        --tokenizer-model "$TOKENIZER_MODEL" ${DRY_RUN:+--dry-run})
-"$PYTHON" tools/ablation.py --out "$OUT" --configs none standard hg dp dnp or er unified standard+qk \
-  --seeds $SEEDS "${COMMON[@]}" ${DEADLINE_MIN:+--deadline-minutes $DEADLINE_MIN}
-"$PYTHON" tools/ablation.py --out "$OUT" --configs --wd-study megatron all iwd \
-  --seeds $WD_SEEDS "${COMMON[@]}" ${WD_DEADLINE_MIN:+--deadline-minutes $WD_DEADLINE_MIN}
-[ -n "${DRY_RUN:-}" ] && exit 0
-T1=$(date +%s)
+rc=0
+nice -n "$NICE" "$PYTHON" tools/ablation.py run "$STUDY" --out "$OUT" \
+  ${DEADLINE_MIN:+--deadline-minutes "$DEADLINE_MIN"} || rc=$?
+echo "study: $(( ($(date +%s) - T0) / 60 )) min in this call (rc $rc)"
+[ "$rc" -eq 0 ] || exit "$rc"
 
 mkdir -p "$RESULTS"
-"$PYTHON" benchmarks/bench_scale_vectors.py --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
-  --num-query-groups 4 --ffn-hidden-size 384 --vocab-size 8000 --seq-length 256 --micro-batch-size 8 \
-  --num-microbatches 1 --rounds 10 --warmup 2 --json "$RESULTS/overhead.json" | tee "$RESULTS/overhead.txt"
-T2=$(date +%s)
-
-"$PYTHON" tools/ablation_report.py --runs "$OUT" --out "$RESULTS" --overhead-json "$RESULTS/overhead.json" \
-  --last-n 20
-echo "sweep $(( (T1 - T0) / 60 )) min, overhead benchmark $(( (T2 - T1) / 60 )) min, total $(( ($(date +%s) - T0) / 60 )) min"
+OVERHEAD_ARGS=()
+if [ -n "${OVERHEAD:-}" ]; then
+  nice -n "$NICE" "$PYTHON" benchmarks/bench_scale_vectors.py --num-layers 4 --hidden-size 128 \
+    --num-attention-heads 4 --num-query-groups 4 --ffn-hidden-size 384 --vocab-size 8000 --seq-length 256 \
+    --micro-batch-size 8 --num-microbatches 1 --rounds 10 --warmup 2 --json "$RESULTS/overhead.json" \
+    | tee "$RESULTS/overhead.txt"
+  OVERHEAD_ARGS=(--overhead-json "$RESULTS/overhead.json")
+fi
+"$PYTHON" tools/ablation_report.py --runs "$OUT" --out "$RESULTS" --export-logs "$RESULTS/logs" \
+  "${OVERHEAD_ARGS[@]}" > /dev/null
+echo "report: $RESULTS/results.md (regenerate: python tools/ablation_report.py --runs $RESULTS/logs --out $RESULTS)"

@@ -1,26 +1,22 @@
 #!/usr/bin/env python3
-"""Ablation runner: train a list of configurations x seeds through the real CLI (pretrain_gpt_sv.py).
+"""Run an ablation study (LR sweeps, paired seeds at each configuration's best LR, compute efficiency,
+weight-decay study) through the real CLI, locally or as one Slurm job per run.
 
-Every run gets the same data, token budget and hyper-parameters; only the configuration changes.
-A configuration is a scale-vector strategy with optional modifiers joined by '+':
+    python tools/ablation.py plan   STUDY.json --out DIR [--sec-per-step S]   # runs, their state, the cost
+    python tools/ablation.py run    STUDY.json --out DIR [--deadline-minutes M] [--dry-run]     # local
+    python tools/ablation.py submit STUDY.json --out DIR [--dry-run]          # Slurm (DRY_RUN=1 also works)
 
-    standard            --scale-vector-strategy standard
-    standard+qk         ... + --qk-layernorm                 (the QK-norm control for dnp / unified)
-    standard+qk+post    ... + --qk-layernorm --sv-post-sublayer-norm
-    standard+qk+post+wd=iwd   ... + --sv-weight-decay-policy iwd   (the weight-decay study)
+The study file format and the stages are described in megatron_sv/study/spec.py; examples:
+examples/studies/*.json (CPU) and examples/paper_scales/study_*.json (cluster).
 
-Paired seeds: `--seed k` seeds both the initialization (torch / RNG tracker, per-layer seeds) and
-Megatron-Core's GPTDataset shuffle, so seed k gives every configuration the same data order and the
-same initial shared weights (scale vectors draw no random numbers).
-
-Each run writes into OUT/<config>/seed<k>/: command.json, stdout.log, metrics.jsonl, tensorboard/ and,
-when it finished, done.json. Finished runs are skipped; an unfinished run is cleared and restarted
-(runs save no checkpoints; they are short). Runs execute one after another, never in parallel.
-
-    python tools/ablation.py --out runs/ablation --configs none standard unified --seeds 1 2 3 \\
-        --data-path runs/data/stdlib/stdlib_text_document --tokenizer-model runs/data/stdlib/spm8000.model
-    python tools/ablation.py ... --wd-study megatron all none iwd     # adds standard+qk+post+wd=<policy>
-    python tools/ablation.py ... --dry-run                            # print the commands only
+Resumable run by run: DIR/<run id>/ holds run.json (identity, command, attempts), metrics.jsonl and
+checkpoints/. A complete run (it reached its last iteration and its final evaluation) or a diverged run
+(exit code 3) is never started again; any other run is started again and resumes from its last checkpoint
+(--load). `run` executes runs one after another; when a sweep finishes, the next stages are planned from
+its results, in the same call. `submit` submits every run whose settings are known and not queued, plus
+one small continuation job (--dependency=afterany on them) that calls `submit` again: it submits the next
+stages once the sweep is done, and resubmits runs that stopped early (at most max_attempts times).
+A run directory holding a different command than planned is an error, before anything runs.
 """
 
 from __future__ import annotations
@@ -28,206 +24,340 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
+import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STRATEGIES = ["none", "standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]
-WD_POLICIES = ["megatron", "all", "none", "iwd"]
-WD_STUDY_BASE = "standard+qk+post"
+if REPO not in sys.path:  # run as a script from anywhere: import this checkout's megatron_sv
+    sys.path.insert(0, REPO)
+
+from megatron_sv.study.launch import (  # noqa: E402
+    continue_command, launch_record, local_command, local_env, sbatch_command, shell_line, slurm_env)
+from megatron_sv.study.runlog import (  # noqa: E402
+    RUN_FILE, STUDY_FILE, RunLogError, read_run, run_info)
+from megatron_sv.study.spec import (  # noqa: E402
+    Plan, Run, Study, StudyError, hypothetical_outcome, load_study, plan_study)
 
 
-def config_flags(config: str) -> List[str]:
-    """CLI flags of one configuration name (see the module docstring)."""
-    strategy, *mods = config.split("+")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r} in {config!r} (choose from {STRATEGIES})")
-    flags = ["--scale-vector-strategy", strategy]
-    for m in mods:
-        if m == "qk":
-            flags.append("--qk-layernorm")
-        elif m == "post":
-            flags.append("--sv-post-sublayer-norm")
-        elif m.startswith("wd="):
-            policy = m[3:]
-            if policy not in WD_POLICIES:
-                raise ValueError(f"unknown weight-decay policy {policy!r} in {config!r}")
-            flags += ["--sv-weight-decay-policy", policy]
-        else:
-            raise ValueError(f"unknown modifier {m!r} in {config!r} (qk, post, wd=<policy>)")
-    return flags
+class AblationError(RuntimeError):
+    pass
 
 
-def wd_study_configs(policies: List[str]) -> List[str]:
-    return [f"{WD_STUDY_BASE}+wd={p}" for p in policies]
+def run_dir(out: str, run: Run) -> str:
+    return os.path.join(out, run.id)
 
 
-def base_flags(a) -> List[str]:
-    """Model, optimization, data and logging flags shared by every run."""
-    mbs = a.global_batch_size // (a.nproc if a.launcher == "torchrun" else 1)
-    flags = [
-        "--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
-        "--num-attention-heads", a.num_attention_heads,
-        "--seq-length", a.seq_length, "--max-position-embeddings", a.seq_length,
-        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
-        "--untie-embeddings-and-output-weights", "--init-method-std", "0.02",
-        "--micro-batch-size", mbs, "--global-batch-size", a.global_batch_size,
-        "--optimizer", a.optimizer, "--lr", a.lr, "--min-lr", a.min_lr, "--lr-decay-style", a.lr_decay_style,
-        "--lr-warmup-iters", a.warmup, "--train-iters", a.iters, "--weight-decay", a.weight_decay,
-        "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", "1.0",
-        "--data-path", a.data_path, "--split", a.split,
-        "--log-interval", a.log_interval, "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters,
-    ]
-    if a.ffn_hidden_size:
-        flags += ["--ffn-hidden-size", a.ffn_hidden_size]
-    if a.lr_decay_style == "wsd":
-        flags += ["--lr-wsd-decay-iters", a.wsd_decay_iters or max(1, a.iters // 5)]
-    if a.tokenizer_model:
-        flags += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", a.tokenizer_model]
+def outcome_from_disk(out: str):
+    def outcome(run: Run) -> Optional[float]:
+        log = read_run(run_dir(out, run))
+        return None if log is None else log.final_valid
+    return outcome
+
+
+def state(out: str, run: Run) -> str:
+    """todo | partial | complete | diverged."""
+    log = read_run(run_dir(out, run))
+    if log is None:
+        return "todo"
+    if log.diverged:
+        return "diverged"
+    return "complete" if log.complete else "partial"
+
+
+def _comparable(launch: dict) -> dict:
+    """The parts of a launch that define the run (not the interpreter or the rendezvous port)."""
+    if launch.get("kind") == "local":
+        argv = launch["argv"]
+        i = next(i for i, a in enumerate(argv) if a.endswith("pretrain_gpt_sv.py"))
+        return dict(kind="local", argv=argv[i + 1:])
+    return launch
+
+
+def check_existing(study: Study, plan: Plan, out: str) -> None:
+    """Every planned run directory that exists must hold the same command."""
+    for run in plan.runs.values():
+        p = os.path.join(run_dir(out, run), RUN_FILE)
+        if not os.path.exists(p):
+            continue
+        with open(p) as f:
+            info = json.load(f)
+        old, new = _comparable(info.get("launch", {})), _comparable(launch_record(study, run, run_dir(out, run)))
+        if old != new:
+            raise AblationError(f"{os.path.dirname(p)} holds a different command than the study plans "
+                                f"({_first_difference(old, new)}); use another --out or restore the study file")
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    if old.get("kind") != new.get("kind"):
+        return f"launcher {old.get('kind')} vs {new.get('kind')}"
+    if new["kind"] == "local":
+        a, b = old["argv"], new["argv"]
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return f"argument {i}: {x!r} vs {y!r}"
+        return f"{len(a)} vs {len(b)} arguments"
+    keys = sorted(k for k in set(old.get("env", {})) | set(new.get("env", {}))
+                  if old.get("env", {}).get(k) != new.get("env", {}).get(k))
+    return "environment " + ", ".join(keys) if keys else "script"
+
+
+def write_study(study: Study, out: str, study_path: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    p = os.path.join(out, STUDY_FILE)
+    new = dict(study=study.to_json(), source=os.path.relpath(os.path.abspath(study_path), REPO))
+    if os.path.exists(p):
+        with open(p) as f:
+            old = json.load(f)
+        if old.get("study") != new["study"]:
+            changed = sorted(k for k in new["study"] if old.get("study", {}).get(k) != new["study"][k])
+            raise AblationError(f"{out} belongs to a different study (changed: {', '.join(changed)}); use another "
+                                "--out")
+        return
+    with open(p, "w") as f:
+        json.dump(new, f, indent=1)
+
+
+def _update_info(run: Run, study: Study, out: str, **attempt) -> None:
+    d = run_dir(out, run)
+    os.makedirs(d, exist_ok=True)
+    p = os.path.join(d, RUN_FILE)
+    if os.path.exists(p):
+        with open(p) as f:
+            info = json.load(f)
     else:
-        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", a.vocab_size]
-    return [str(f) for f in flags]
+        info = run_info(study, run, launch_record(study, run, run_dir(out, run)))
+    if attempt:
+        info["attempts"].append(attempt)
+    with open(p + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(p + ".tmp", p)
 
 
-def run_command(a, config: str, seed: int, run_dir: str) -> List[str]:
-    """The full command line of one run."""
-    if a.launcher == "torchrun":
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-                  "--master-addr", "127.0.0.1", "--master-port", str(a.master_port)]
-    else:
-        launch = [sys.executable]
-    return (launch + [os.path.join(REPO, "pretrain_gpt_sv.py")] + base_flags(a) + config_flags(config)
-            + ["--seed", str(seed), "--metrics-file", os.path.join(run_dir, "metrics.jsonl"),
-               "--tensorboard-dir", os.path.join(run_dir, "tensorboard")] + shlex.split(a.extra_args))
+# ---------------------------------------------------------------------------------------------- plan
+def describe(study: Study, plan: Plan, out: str, sec_per_step: float, sec_per_run: float) -> str:
+    lines = []
+    for stage, ids in plan.stages.items():
+        lines.append(f"## {stage}: {len(ids)} runs")
+        for i in ids:
+            r = plan.runs[i]
+            lines.append(f"  [{state(out, r)}] {r.id}")
+    if plan.best_lr:
+        lines.append("best LR (sweep): " + ", ".join(f"{c} {lr:g}" + (f" (at the {plan.at_edge[c]} edge)"
+                                                                   if c in plan.at_edge else "")
+                                                     for c, lr in plan.best_lr.items()))
+    for w in plan.waiting:
+        lines.append(f"waiting for: {w}")
+    est = plan_study(study, hypothetical_outcome(study))
+    steps = sum(r.iters for r in est.runs.values())
+    secs = steps * sec_per_step + len(est.runs) * sec_per_run
+    ext = (len(study.sweep.configs) * study.sweep.max_extensions) if study.sweep else 0
+    per_stage = ", ".join(f"{s} {len(v)}" for s, v in est.stages.items())
+    lines.append(f"whole study (if no sweep is extended): {len(est.runs)} distinct runs ({per_stage}; shared runs "
+                 f"counted in each stage), {steps:,} steps, {steps * study.tokens_per_step:,} tokens; at "
+                 f"{sec_per_step} s/step + {sec_per_run} s per run: {secs / 3600:.2f} h")
+    if ext:
+        lines.append(f"each sweep extension adds one run of {study.iters} steps (at most {ext}: "
+                     f"+{ext * (study.iters * sec_per_step + sec_per_run) / 3600:.2f} h)")
+    return "\n".join(lines)
 
 
-def run_dir_of(out: str, config: str, seed: int) -> str:
-    return os.path.join(out, config, f"seed{seed}")
+# ---------------------------------------------------------------------------------------------- local
+def _free_port() -> int:
+    import socket  # only torchrun runs need a port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def is_finished(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, "done.json"))
+class Interrupted(Exception):
+    """SIGINT/SIGTERM of the runner: the current run was stopped (it saves a checkpoint on SIGTERM)."""
 
 
-def plan(a) -> List[Dict]:
-    """Runs in execution order: seed-major, so an interrupted sweep leaves complete seed sets."""
-    configs = list(dict.fromkeys(a.configs + wd_study_configs(a.wd_study)))
-    runs = []
-    for seed in a.seeds:
-        for c in configs:
-            d = run_dir_of(a.out, c, seed)
-            runs.append(dict(config=c, seed=seed, dir=d, cmd=run_command(a, c, seed, d)))
-    return runs
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
-def execute(run: Dict, env: Dict[str, str]) -> Dict:
-    d = run["dir"]
-    if os.path.exists(d):  # an unfinished run: metrics.jsonl is opened in append mode, so start clean
-        shutil.rmtree(d)
-    os.makedirs(d)
-    with open(os.path.join(d, "command.json"), "w") as f:
-        json.dump(dict(config=run["config"], seed=run["seed"], argv=run["cmd"],
-                       shell=" ".join(shlex.quote(x) for x in run["cmd"])), f, indent=1)
+def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
+    """Start (or resume) one run; its output goes to <run>/stdout.log. If the runner is interrupted, the run
+    gets SIGTERM (pretrain_gpt_sv.py saves a checkpoint and exits) and the runner waits for it."""
+    d = run_dir(out, run)
+    _update_info(run, study, out)
+    cmd = local_command(study, run, d, _free_port() if study.nproc > 1 else None)
     t0 = time.time()
-    with open(os.path.join(d, "stdout.log"), "w") as log:
-        rc = subprocess.call(run["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    interrupted = None
+    with open(os.path.join(d, "stdout.log"), "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_line(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=local_env(study), cwd=REPO,
+                                start_new_session=True)
+        try:
+            rc = proc.wait()
+        except Interrupted as e:
+            interrupted = e
+            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the ranks
+            try:
+                rc = proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
     wall = time.time() - t0
-    if rc == 0:
-        with open(os.path.join(d, "done.json"), "w") as f:
-            json.dump(dict(config=run["config"], seed=run["seed"], wall_s=wall, rc=rc), f)
-    return dict(rc=rc, wall_s=wall)
+    _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if interrupted is not None:
+        raise interrupted
+    return rc, wall
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="one sub-directory per configuration and seed")
-    p.add_argument("--configs", nargs="*", default=["none", "standard", "hg", "dp", "dnp", "or", "er", "unified",
-                                                    "standard+qk"])
-    p.add_argument("--wd-study", nargs="*", default=[], choices=WD_POLICIES,
-                   help=f"also run {WD_STUDY_BASE}+wd=<policy> for these policies")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    g = p.add_argument_group("shared model / optimization (identical for every run)")
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--hidden-size", type=int, default=128)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=256)
-    g.add_argument("--global-batch-size", type=int, default=8)
-    g.add_argument("--iters", type=int, default=200)
-    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"])
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "linear", "constant"])
-    g.add_argument("--wsd-decay-iters", type=int, default=None)
-    g.add_argument("--warmup", type=int, default=20)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--eval-iters", type=int, default=20)
-    g.add_argument("--data-path", default=None, help="indexed dataset prefix; default: mock data")
-    g.add_argument("--split", default="98,2,0")
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model (else NullTokenizer)")
-    g.add_argument("--vocab-size", type=int, default=8000, help="NullTokenizer vocabulary (mock data)")
-    g.add_argument("--extra-args", default="", help="appended to every run's command line")
-    l = p.add_argument_group("launch")
-    l.add_argument("--launcher", default="single", choices=["single", "torchrun"],
-                   help="single: one process (DP1); torchrun: --nproc gloo ranks (DP)")
-    l.add_argument("--nproc", type=int, default=2)
-    l.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per process "
-                   "(default: 2 for single, 1 per rank for torchrun)")
-    l.add_argument("--master-port", type=int, default=29547)
-    l.add_argument("--deadline-minutes", type=float, default=None,
-                   help="start no new run after this many minutes (rerun the command to continue)")
-    l.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    a = p.parse_args(argv)
-    if a.data_path is None:
-        a.extra_args = (a.extra_args + " --mock-data").strip()
-        a.data_path = "mock"
-    if a.global_batch_size % (a.nproc if a.launcher == "torchrun" else 1):
-        p.error("--global-batch-size must be divisible by --nproc")
-    return a
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    runs = plan(a)
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    # on a shared, oversubscribed CPU, spinning OpenMP threads stall each other (seconds per step);
-    # passive waiting keeps a step at its uncontended cost plus the other load's share
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env["OMP_NUM_THREADS"] = str(a.threads or (1 if a.launcher == "torchrun" else 2))
-    if a.dry_run:
-        for r in runs:
-            state = "done" if is_finished(r["dir"]) else "todo"
-            print(f"# {r['config']} seed {r['seed']} [{state}]\n" + " ".join(shlex.quote(x) for x in r["cmd"]))
+def cmd_run(study: Study, study_path: str, out: str, deadline_minutes: Optional[float], dry_run: bool) -> int:
+    plan = plan_study(study, outcome_from_disk(out))
+    check_existing(study, plan, out)
+    if dry_run:
+        for stage, ids in plan.stages.items():
+            for i in ids:
+                r = plan.runs[i]
+                print(f"# {stage}: {r.id} [{state(out, r)}]\n"
+                      + shell_line(local_command(study, r, run_dir(out, r))))
+        for w in plan.waiting:
+            print(f"# waiting for: {w} (planned once those runs are done)")
         return 0
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "sweep.json"), "w") as f:
-        json.dump(dict(argv=sys.argv, args={k: v for k, v in vars(a).items()},
-                       runs=[dict(config=r["config"], seed=r["seed"], dir=os.path.relpath(r["dir"], a.out))
-                             for r in runs]), f, indent=1)
+    write_study(study, out, study_path)
+    saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_all(study, out, deadline_minutes)
+    except Interrupted as e:
+        print(f"{e}: stopped between runs; rerun the same command to continue", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _run_all(study: Study, out: str, deadline_minutes: Optional[float]) -> int:
     t_start = time.time()
-    failed = []
-    todo = [r for r in runs if not is_finished(r["dir"])]
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished", flush=True)
-    for i, r in enumerate(todo):
-        if a.deadline_minutes is not None and (time.time() - t_start) / 60 > a.deadline_minutes:
-            print(f"deadline of {a.deadline_minutes} min reached: {len(todo) - i} runs left; rerun to continue")
+    tried, failed = set(), []
+    while True:
+        plan = plan_study(study, outcome_from_disk(out))
+        check_existing(study, plan, out)
+        todo = [r for r in plan.runs.values() if r.id not in tried and state(out, r) in ("todo", "partial")]
+        if not todo:
             break
-        res = execute(r, env)
-        status = "ok" if res["rc"] == 0 else f"FAILED rc={res['rc']} (see {r['dir']}/stdout.log)"
-        print(f"[{i + 1}/{len(todo)}] {r['config']} seed {r['seed']}: {res['wall_s']:.0f} s {status} "
-              f"(sweep {(time.time() - t_start) / 60:.1f} min)", flush=True)
-        if res["rc"] != 0:
-            failed.append(r)
-    print(f"sweep wall time {(time.time() - t_start) / 60:.1f} min; {len(failed)} failed")
-    return 1 if failed else 0
+        r = todo[0]
+        if deadline_minutes is not None and (time.time() - t_start) / 60 > deadline_minutes:
+            print(f"deadline of {deadline_minutes} min reached; rerun the same command to continue", flush=True)
+            return 0
+        tried.add(r.id)
+        try:
+            rc, wall = run_one(study, r, out)
+        except Interrupted as e:
+            print(f"{e}: stopped {r.id} at iteration {read_run(run_dir(out, r)).last_iteration} (its last checkpoint "
+                  "is kept); rerun the same command to resume", file=sys.stderr, flush=True)
+            return 130
+        st = state(out, r)
+        print(f"{r.id}: {st} (rc {rc}, {wall:.0f} s; study {(time.time() - t_start) / 60:.1f} min)", flush=True)
+        if st not in ("complete", "diverged"):
+            failed.append(r.id)
+    if plan.waiting:
+        print("not planned yet: " + "; ".join(plan.waiting), flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) did not complete: {', '.join(failed)} (see their stdout.log; rerun the same "
+              "command to resume them)", file=sys.stderr)
+        return 1
+    print(f"study {study.name}: {len(plan.runs)} runs done ({(time.time() - t_start) / 60:.1f} min in this call)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- slurm
+def _active_job(job_id: str) -> bool:
+    r = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True)
+    return r.returncode == 0 and job_id in r.stdout.split()
+
+
+def _sbatch(cmd: List[str], env: Dict[str, str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if r.returncode != 0:
+        raise AblationError(f"sbatch failed (rc {r.returncode}): {r.stderr.strip()}")
+    return r.stdout.strip().split(";")[0]
+
+
+def cmd_submit(study: Study, study_path: str, out: str, dry_run: bool) -> int:
+    if study.launcher != "slurm":
+        raise AblationError(f"study {study.name} has launcher {study.launcher!r}; submit needs 'slurm' (use run)")
+    plan = plan_study(study, outcome_from_disk(out))
+    check_existing(study, plan, out)
+    if not dry_run:
+        write_study(study, out, study_path)
+    jobs, gave_up = [], []
+    for r in plan.runs.values():
+        st = state(out, r)
+        if st in ("complete", "diverged"):
+            continue
+        p = os.path.join(run_dir(out, r), RUN_FILE)
+        attempts = json.load(open(p)).get("attempts", []) if os.path.exists(p) else []
+        if attempts and not dry_run and _active_job(attempts[-1]["job_id"]):
+            jobs.append(attempts[-1]["job_id"])
+            continue
+        if len(attempts) >= study.slurm.max_attempts:
+            gave_up.append(r.id)
+            continue
+        cmd = sbatch_command(study, r, run_dir(out, r))
+        env = slurm_env(study, r, run_dir(out, r))
+        if dry_run:
+            print(f"# {r.id} [{st}]\n{shell_line(cmd, env)}")
+            jobs.append(f"<{r.id}>")
+            continue
+        job = _sbatch(cmd, dict(os.environ, **env))
+        _update_info(r, study, out, job_id=job, submitted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        print(f"{r.id}: job {job}", flush=True)
+        jobs.append(job)
+    for w in plan.waiting:
+        print(f"# waiting for: {w}")
+    if gave_up:
+        print(f"not resubmitted after {study.slurm.max_attempts} attempts: {', '.join(gave_up)} (see their "
+              "slurm-*.out)", file=sys.stderr)
+    if jobs:
+        cont = continue_command(study, study_path, out, jobs)
+        if dry_run:
+            print(f"# continuation: submits the next stages and resumes stopped runs after these jobs\n"
+                  f"{shell_line(cont)}")
+        else:
+            print(f"continuation job {_sbatch(cont, dict(os.environ))} (after {len(jobs)} jobs)")
+    elif not plan.waiting and not gave_up:
+        print(f"study {study.name}: every run is done")
+    return 1 if gave_up and not jobs else 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["plan", "run", "submit"])
+    p.add_argument("study", help="study file (JSON)")
+    p.add_argument("--out", required=True, help="the study's directory: one sub-directory per run")
+    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1",
+                   help="print the commands, start nothing (also DRY_RUN=1)")
+    p.add_argument("--deadline-minutes", type=float, default=None,
+                   help="run: start no new run after this many minutes (rerun to continue)")
+    p.add_argument("--sec-per-step", type=float, default=0.28, help="plan: cost model of one training step")
+    p.add_argument("--sec-per-run", type=float, default=25.0,
+                   help="plan: start-up, evaluations and checkpoint saves of one run")
+    a = p.parse_args(argv)
+    try:
+        study = load_study(a.study)
+        if a.command == "plan":
+            plan = plan_study(study, outcome_from_disk(a.out))
+            check_existing(study, plan, a.out)
+            print(describe(study, plan, a.out, a.sec_per_step, a.sec_per_run))
+            return 0
+        if a.command == "run":
+            if study.launcher != "local":
+                raise AblationError(f"study {study.name} has launcher {study.launcher!r}; use submit")
+            return cmd_run(study, a.study, a.out, a.deadline_minutes, a.dry_run)
+        return cmd_submit(study, a.study, a.out, a.dry_run)
+    except (StudyError, AblationError, RunLogError) as e:
+        print(f"ablation.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,335 +1,398 @@
 #!/usr/bin/env python3
-"""Report of an ablation sweep (tools/ablation.py): tables, CSV and plots from the runs' logs.
+"""Report of a study run by tools/ablation.py: tables with paired 95% intervals, CSV and plots.
 
-Reads RUNS/<config>/seed<k>/metrics.jsonl (falls back to the TensorBoard event files in tensorboard/
-for the losses) and the TensorBoard scale-vector statistics, and writes into OUT:
+    python tools/ablation_report.py --runs runs/ablation_cpu_lr --out docs/results/ablation_cpu_lr \\
+        --export-logs docs/results/ablation_cpu_lr/logs          # copy the small per-run logs, report from them
+    python tools/ablation_report.py --runs docs/results/ablation_cpu_lr/logs --out /tmp/r   # regenerate
 
-  results.md            final train loss (mean of the last N iterations) and final validation loss per
-                        configuration: mean, std, min/max over seeds; paired differences (same seed) to the
-                        references (default `standard`, `standard+qk`; the weight-decay study to its
-                        `wd=megatron` run); tokens seen; initial-loss pairing check; learned vectors;
-                        overhead table (from benchmarks/bench_scale_vectors.py --json)
-  summary.csv, runs.csv the same numbers, one row per configuration / per run
-  loss_curves.png, loss_diff.png, wd_loss_curves.png, scale_vectors_hg.png, scale_vector_magnitudes.png
+--runs is a study directory (study.json + one directory per run with run.json and metrics.jsonl).
+--export-logs copies study.json and each run's run.json and trimmed metrics.jsonl (validation records, a
+thinned train curve, the last train records, the summed LR) to a folder meant to be committed, and then
+reports from that folder, so the committed report is exactly what the committed logs regenerate.
 
-    python tools/ablation_report.py --runs runs/ablation_cpu --out docs/results/ablation_cpu \\
-        --overhead-json docs/results/ablation_cpu/overhead.json --last-n 20
+Writes into --out:
+  results.md            setup; LR sweep (final validation loss per LR, best marked); comparison at each
+                        configuration's best LR (mean, sd, min/max over seeds) and paired differences to the
+                        references (mean, 95% t interval, bootstrap interval, seeds agreeing in sign);
+                        compute efficiency vs the reference; weight-decay study (with the decay exposure
+                        wd x sum of LRs); pairing check (iteration-1 losses)
+  runs.csv, summary.csv, efficiency.csv
+  lr_sweep.png, valid_loss_vs_tokens.png, compute_efficiency.png, wd_valid_loss.png
+
+Refuses (exit 2, one line) a missing or empty study directory, one without study.json, one whose planned
+runs are not all complete (unless --allow-incomplete), and a run log that cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
+import math
 import os
-import re
 import statistics
-from typing import Dict, List, Optional, Tuple
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
-# strategies that compute exactly the same function as `standard` at init (docs/scale_vectors.md)
-SAME_AS_STANDARD_AT_INIT = {"none", "hg", "dp", "or", "er", "iwd"}
-WD_PREFIX = "standard+qk+post+wd="
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere: import this checkout's megatron_sv
+    sys.path.insert(0, REPO)
 
+from megatron_sv.study import stats  # noqa: E402
+from megatron_sv.study.runlog import (  # noqa: E402
+    STUDY_FILE, RunLog, RunLogError, export_logs, read_study_dir)
+from megatron_sv.study.spec import Plan, Run, Study, StudyError, lr_text, plan_study, study_from_json  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------- reading
-def read_metrics(path: str) -> Tuple[Dict[int, dict], Dict[int, float]]:
-    """(train records by iteration, validation loss by iteration); later records of an iteration win."""
-    train, valid = {}, {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            r = json.loads(line)
-            if r.get("type") == "train":
-                train[int(r["iteration"])] = r
-            elif r.get("type") == "valid":
-                valid[int(r["iteration"])] = float(r["loss"])
-    return train, valid
+# configurations that compute exactly the same function as `standard` at init (docs/scale_vectors.md)
+SAME_AS_STANDARD_AT_INIT = {"standard", "none", "hg", "dp", "or", "er", "iwd"}
 
 
-def read_tensorboard(tb_dir: str, prefix: Optional[str] = None) -> Dict[str, List[Tuple[int, float]]]:
-    """Scalars of the event files under tb_dir: tag -> [(step, value)] (sorted, last value per step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: Dict[str, Dict[int, float]] = {}
-    for ev in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        acc = EventAccumulator(ev, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            if prefix and not tag.startswith(prefix):
-                continue
-            for e in acc.Scalars(tag):
-                out.setdefault(tag, {})[int(e.step)] = float(e.value)
-    return {k: sorted(v.items()) for k, v in out.items()}
+class ReportError(RuntimeError):
+    pass
 
 
-def _seq_length(run_dir: str, default: Optional[int]) -> Optional[int]:
-    p = os.path.join(run_dir, "command.json")
-    if os.path.exists(p):
-        argv = json.load(open(p))["argv"]
-        if "--seq-length" in argv:
-            return int(argv[argv.index("--seq-length") + 1])
-    return default
+# ---------------------------------------------------------------------------------------------- loading
+def load(runs_root: str) -> Tuple[Study, Dict[str, RunLog]]:
+    if not os.path.isdir(runs_root):
+        raise ReportError(f"{runs_root} does not exist (give the --out of tools/ablation.py, or a folder written "
+                          "by --export-logs)")
+    sp = os.path.join(runs_root, STUDY_FILE)
+    if not os.path.exists(sp):
+        raise ReportError(f"{runs_root} has no {STUDY_FILE}: not a study directory of tools/ablation.py")
+    with open(sp) as f:
+        study = study_from_json(json.load(f)["study"], expand_env=False)
+    logs = read_study_dir(runs_root)
+    if not any(log.complete or log.diverged for log in logs.values()):
+        raise ReportError(f"{runs_root} holds no finished run ({len(logs)} run directories): nothing to report")
+    return study, logs
 
 
-def _param_counts(run_dir: str) -> Tuple[Optional[int], Optional[int]]:
-    p = os.path.join(run_dir, "stdout.log")
-    if os.path.exists(p):
-        m = re.search(r"scale-vector parameters: ([\d,]+) of ([\d,]+)", open(p, errors="replace").read())
-        if m:
-            return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
-    return None, None
+def study_plan(study: Study, logs: Dict[str, RunLog]) -> Plan:
+    return plan_study(study, lambda run: logs[run.id].final_valid if run.id in logs else None)
 
 
-def load_run(run_dir: str, last_n: int, seq_length: Optional[int] = None) -> Optional[dict]:
-    """One run's summary; None if it has no losses yet."""
-    mf = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(mf):
-        train, valid = read_metrics(mf)
-        curve = sorted((i, float(r["loss"])) for i, r in train.items())
-        last = max(train) if train else 0
-        samples = train[last].get("consumed_samples") if train else None
-        ms = [float(r["ms_per_iter"]) for r in train.values() if r.get("ms_per_iter") is not None]
-    else:  # TensorBoard only: the train loss is logged every --log-interval
-        tb = read_tensorboard(os.path.join(run_dir, "tensorboard"))
-        curve = tb.get("train/loss", [])
-        valid = dict(tb.get("validation/loss", []))
-        last = curve[-1][0] if curve else 0
-        samples, ms = None, [v for _, v in tb.get("train/ms_per_iter", [])]
-    if not curve:
-        return None
-    tail = [v for _, v in curve[-last_n:]]
-    seq = _seq_length(run_dir, seq_length)
-    sv, total = _param_counts(run_dir)
-    final_valid_it = max(valid) if valid else None
-    return dict(
-        dir=run_dir, iterations=last, train_curve=curve, valid_curve=sorted(valid.items()),
-        final_train=statistics.fmean(tail), final_valid=valid[final_valid_it] if valid else None,
-        final_valid_iteration=final_valid_it, initial_loss=curve[0][1] if curve[0][0] == 1 else None,
-        tokens=(samples * seq) if (samples is not None and seq) else None,
-        ms_per_iter=statistics.median(ms) if ms else None, sv_params=sv, total_params=total,
-        finished=os.path.exists(os.path.join(run_dir, "done.json")) or not os.path.exists(
-            os.path.join(run_dir, "command.json")))
-
-
-def discover(runs_root: str, last_n: int, seq_length: Optional[int] = None,
-             include_unfinished: bool = False) -> Dict[str, Dict[int, dict]]:
-    """config -> seed -> run summary, for RUNS/<config>/seed<k>/."""
-    out: Dict[str, Dict[int, dict]] = {}
-    for d in sorted(glob.glob(os.path.join(runs_root, "*", "seed*"))):
-        m = re.fullmatch(r"seed(\d+)", os.path.basename(d))
-        if not m:
-            continue
-        r = load_run(d, last_n, seq_length)
-        if r is None or (not r["finished"] and not include_unfinished):
-            continue
-        out.setdefault(os.path.basename(os.path.dirname(d)), {})[int(m.group(1))] = r
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def spread(values: List[float]) -> dict:
-    v = [x for x in values if x is not None]
-    if not v:
-        return dict(n=0, mean=None, std=None, min=None, max=None)
-    return dict(n=len(v), mean=statistics.fmean(v), std=statistics.stdev(v) if len(v) > 1 else None,
-                min=min(v), max=max(v))
-
-
-def paired(runs: Dict[int, dict], ref: Dict[int, dict], key: str) -> dict:
-    """Differences run - reference over the seeds both have."""
-    seeds = sorted(s for s in runs if s in ref and runs[s][key] is not None and ref[s][key] is not None)
-    d = [runs[s][key] - ref[s][key] for s in seeds]
-    out = spread(d)
-    out["seeds"] = seeds
-    out["wins"] = sum(x < 0 for x in d)
-    return out
-
-
-def summarize(data: Dict[str, Dict[int, dict]], references: List[str], wd_reference: str) -> List[dict]:
-    rows = []
-    for config, runs in data.items():
-        row = dict(config=config, seeds=sorted(runs))
-        for key in ("final_train", "final_valid"):
-            row[key] = spread([r[key] for r in runs.values()])
-        refs = [wd_reference] if config.startswith(WD_PREFIX) else references
-        row["diffs"] = {}
-        for ref in refs:
-            if ref in data and ref != config:
-                row["diffs"][ref] = {k: paired(runs, data[ref], k) for k in ("final_train", "final_valid")}
-        toks = sorted({r["tokens"] for r in runs.values() if r["tokens"] is not None})
-        row["tokens"] = toks[0] if len(toks) == 1 else (toks or None)
-        row["iterations"] = sorted({r["iterations"] for r in runs.values()})
-        ms = [r["ms_per_iter"] for r in runs.values() if r["ms_per_iter"] is not None]
-        row["ms_per_iter"] = statistics.median(ms) if ms else None
-        row["sv_params"] = next((r["sv_params"] for r in runs.values() if r["sv_params"] is not None), None)
-        row["total_params"] = next((r["total_params"] for r in runs.values() if r["total_params"] is not None), None)
-        rows.append(row)
-    return rows
-
-
-def pairing_check(data: Dict[str, Dict[int, dict]]) -> List[Tuple[str, int, float]]:
-    """|initial loss - standard's initial loss| per seed for configurations equal to standard at init."""
-    out = []
-    for config, runs in data.items():
-        if config in SAME_AS_STANDARD_AT_INIT and "standard" in data:
-            for s, r in runs.items():
-                ref = data["standard"].get(s)
-                if ref and r["initial_loss"] is not None and ref["initial_loss"] is not None:
-                    out.append((config, s, abs(r["initial_loss"] - ref["initial_loss"])))
-    return out
+def unfinished(plan: Plan, logs: Dict[str, RunLog]) -> List[str]:
+    return [i for i in plan.runs if i not in logs or not (logs[i].complete or logs[i].diverged)]
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def _f(x, nd=4, signed=False):
+def _f(x: Optional[float], nd: int = 4, signed: bool = False) -> str:
     if x is None:
         return "–"
+    if math.isinf(x):
+        return "diverged" if x > 0 else "-inf"
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
-def _ms(s: dict) -> str:
-    if not s["n"]:
+def _spread(values: Sequence[float]) -> str:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
         return "–"
-    return f"{_f(s['mean'])} ± {_f(s['std'])} [{_f(s['min'])}, {_f(s['max'])}]"
+    sd = f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""
+    return f"{statistics.fmean(v):.4f}{sd} [{min(v):.4f}, {max(v):.4f}]"
 
 
-def _diff(d: Optional[dict]) -> str:
-    if not d or not d["n"]:
+def _ci(ci: Optional[Tuple[float, float]], nd: int = 4, signed: bool = True) -> str:
+    return "–" if ci is None else f"[{_f(ci[0], nd, signed)}, {_f(ci[1], nd, signed)}]"
+
+
+def _paired_cell(p: stats.Paired) -> str:
+    if not p.n:
         return "–"
-    return f"{_f(d['mean'], signed=True)} ± {_f(d['std'])} ({d['wins']}/{d['n']} lower)"
+    word = "lower" if p.mean < 0 else "higher" if p.mean > 0 else "equal"
+    return (f"{_f(p.mean, signed=True)} t95 {_ci(p.t_ci)} boot {_ci(p.boot_ci)} "
+            f"({p.agree}/{p.n} {word})")
 
 
-def _tokens(t) -> str:
-    if t is None:
-        return "–"
-    if isinstance(t, list):
-        return "/".join(f"{x:,}" for x in t)
-    return f"{t:,}"
+def _ratio(x: float, lo: float, hi: float) -> str:
+    if x == 0.0:
+        return f"< {lo:.2f}x"
+    if math.isinf(x):
+        return f"> {hi:.2f}x"
+    return f"{x:.3f}x"
 
 
-def markdown_table(rows: List[dict], refs: List[str]) -> str:
-    head = ["config", "seeds", "final train loss (mean ± std [min, max])", "final valid loss"]
-    for r in refs:
-        head += [f"Δ train vs {r} (paired)", f"Δ valid vs {r} (paired)"]
-    head += ["tokens seen", "ms/iter (median)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [f"`{row['config']}`", ",".join(map(str, row["seeds"])), _ms(row["final_train"]),
-                 _ms(row["final_valid"])]
-        for r in refs:
-            d = row["diffs"].get(r)
-            cells += [_diff(d and d["final_train"]), _diff(d and d["final_valid"])]
-        cells += [_tokens(row["tokens"]), _f(row["ms_per_iter"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _table(head: List[str], rows: List[List[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_csv(rows: List[dict], path: str) -> None:
-    refs = sorted({r for row in rows for r in row["diffs"]})
-    fields = ["config", "seeds", "n"]
-    for k in ("final_train", "final_valid"):
-        fields += [f"{k}_{s}" for s in ("mean", "std", "min", "max")]
-    for r in refs:
-        for k in ("final_train", "final_valid"):
-            fields += [f"d_{k}_vs_{r}_{s}" for s in ("mean", "std", "n")]
-    fields += ["tokens", "iterations", "ms_per_iter", "sv_params", "total_params"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for row in rows:
-            out = dict(config=row["config"], seeds=" ".join(map(str, row["seeds"])), n=len(row["seeds"]),
-                       tokens=row["tokens"], iterations=" ".join(map(str, row["iterations"])),
-                       ms_per_iter=row["ms_per_iter"], sv_params=row["sv_params"],
-                       total_params=row["total_params"])
-            for k in ("final_train", "final_valid"):
-                for s in ("mean", "std", "min", "max"):
-                    out[f"{k}_{s}"] = row[k][s]
-            for r, d in row["diffs"].items():
-                for k in ("final_train", "final_valid"):
-                    for s in ("mean", "std", "n"):
-                        out[f"d_{k}_vs_{r}_{s}"] = d[k][s]
-            w.writerow(out)
+# ---------------------------------------------------------------------------------------------- sections
+def _runs_of(plan: Plan, stage: str) -> List[Run]:
+    return [plan.runs[i] for i in plan.stages.get(stage, [])]
 
 
-def write_runs_csv(data: Dict[str, Dict[int, dict]], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["config", "seed", "iterations", "tokens", "initial_loss", "final_train", "final_valid",
-                    "final_valid_iteration", "ms_per_iter"])
-        for c, runs in data.items():
-            for s, r in sorted(runs.items()):
-                w.writerow([c, s, r["iterations"], r["tokens"], r["initial_loss"], r["final_train"],
-                            r["final_valid"], r["final_valid_iteration"], r["ms_per_iter"]])
-
-
-# ---------------------------------------------------------------------------------------------- plots
-def _smooth(ys: List[float], w: int) -> List[float]:
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y
-        if i >= w:
-            acc -= ys[i - w]
-        out.append(acc / min(i + 1, w))
+def by_config_seed(runs: List[Run], logs: Dict[str, RunLog]) -> Dict[str, Dict[int, RunLog]]:
+    out: Dict[str, Dict[int, RunLog]] = {}
+    for r in runs:
+        if r.id in logs:
+            out.setdefault(r.config, {})[r.seed] = logs[r.id]
     return out
 
 
-def _mean_curve(runs: Dict[int, dict], key: str = "train_curve"):
-    curves = [dict(r[key]) for r in runs.values()]
-    its = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
-    return its, [statistics.fmean(c[i] for c in curves) for i in its]
+def sweep_section(study: Study, plan: Plan, logs: Dict[str, RunLog]) -> Tuple[List[str], dict]:
+    runs = _runs_of(plan, "sweep")
+    if not runs:
+        return [], {}
+    lrs = sorted({r.lr for r in runs})
+    grid: Dict[str, Dict[float, Optional[float]]] = {}
+    for r in runs:
+        grid.setdefault(r.config, {})[r.lr] = logs[r.id].final_valid if r.id in logs else None
+    rows = []
+    for c, vals in grid.items():
+        best = plan.best_lr.get(c)
+        cells = []
+        for lr in lrs:
+            v = vals.get(lr)
+            txt = "" if lr not in vals else _f(v)
+            cells.append(f"**{txt}**" if lr == best and txt else txt)
+        note = f"{lr_text(best)}" if best is not None else "–"
+        if c in plan.at_edge:
+            note += f" (at the {plan.at_edge[c]} edge of the grid: the optimum may lie beyond)"
+        rows.append([f"`{c}`"] + cells + [note])
+    md = [f"## LR sweep (seed {study.sweep.seed}, {study.iters} steps)", "",
+          "Final validation loss per peak LR (cosine to "
+          f"{study.min_lr_ratio:g} x peak, {study.warmup} warm-up steps); the best LR in bold is the one every later "
+          "stage uses for that configuration.", "",
+          _table(["config"] + [f"LR {lr_text(lr)}" for lr in lrs] + ["best LR"], rows), ""]
+    return md, grid
 
 
-def plot_losses(data, configs: List[str], path: str, title: str, smooth: int, skip_frac: float = 0.25) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for c in configs:
+def compare_section(study: Study, plan: Plan, logs: Dict[str, RunLog], refs: List[str], last_n: int):
+    runs = _runs_of(plan, "compare")
+    data = by_config_seed(runs, logs)
+    if not data:
+        return [], [], data
+    rows, summary = [], []
+    for c in study.compare.configs:
         if c not in data:
             continue
-        its, ys = _mean_curve(data[c])
-        ys = _smooth(ys, smooth)
-        k = int(len(its) * skip_frac)
-        ax1.plot(its[k:], ys[k:], label=f"{c} (n={len(data[c])})")
-        vits, vys = _mean_curve(data[c], "valid_curve")
-        ax2.plot(vits, vys, marker="o", label=c)
-    ax1.set(xlabel="iteration", ylabel=f"train loss (mean over seeds, moving avg {smooth})", title=title)
-    ax2.set(xlabel="iteration", ylabel="validation loss (mean over seeds)", title="validation")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        lr, src = plan.lr_of[c]
+        fv = {s: r.final_valid for s, r in data[c].items()}
+        ft = {s: r.final_train(last_n) for s, r in data[c].items()}
+        rows.append([f"`{c}`", f"{lr_text(lr)} ({src})", ",".join(map(str, sorted(fv))),
+                     _spread(list(fv.values())), _spread(list(ft.values()))])
+        row = dict(config=c, lr=lr, lr_source=src, seeds=" ".join(map(str, sorted(fv))))
+        for key, vals in (("final_valid", fv), ("final_train", ft)):
+            fin = [v for v in vals.values() if v is not None and math.isfinite(v)]
+            row[f"{key}_mean"] = statistics.fmean(fin) if fin else None
+            row[f"{key}_std"] = statistics.stdev(fin) if len(fin) > 1 else None
+        for ref in refs:
+            if ref not in data or ref == c:
+                continue
+            for key in ("final_valid", "final_train"):
+                refv = {s: (r.final_valid if key == "final_valid" else r.final_train(last_n))
+                        for s, r in data[ref].items()}
+                p = stats.paired(fv if key == "final_valid" else ft, refv)
+                row[f"d_{key}_vs_{ref}"] = p
+        summary.append(row)
+    md = [f"## Comparison at each configuration's best LR ({len(study.compare.seeds)} paired seeds, "
+          f"{study.iters} steps = {study.iters * study.tokens_per_step:,} tokens)", "",
+          f"Final validation loss = the evaluation at the last step; final train loss = mean of the last {last_n} "
+          "steps' training losses. Mean ± sample sd [min, max] over seeds.", "",
+          _table(["config", "LR (source)", "seeds", "final valid loss", "final train loss"], rows), ""]
+    present = [r for r in refs if r in data]
+    if present:
+        md += ["Paired differences (configuration − reference on the same seed: same data order, same initial "
+               "shared weights): mean, 95% Student-t interval, 95% bootstrap interval over seeds, and on how "
+               "many seeds the difference has the sign of the mean.", ""]
+        head = ["config"] + [f"Δ valid vs `{r}`" for r in present] + [f"Δ train vs `{r}`" for r in present]
+        drows = []
+        for row in summary:
+            cells = []
+            for key in ("final_valid", "final_train"):
+                for r in present:
+                    p = row.get(f"d_{key}_vs_{r}")
+                    cells.append(_paired_cell(p) if p else "–")
+            drows.append([f"`{row['config']}`"] + cells)
+        md += [_table(head, drows), ""]
+    return md, summary, data
 
 
-def plot_diffs(data, configs: List[str], ref: str, path: str, smooth: int) -> None:
+def efficiency_section(study: Study, plan: Plan, logs: Dict[str, RunLog], cmp_data) -> Tuple[List[str], list, dict]:
+    eff = study.efficiency
+    if eff is None or eff.reference not in plan.lr_of:
+        return [], [], {}
+    base_tokens = study.iters * study.tokens_per_step
+    ref: Dict[int, Dict[float, float]] = {}
+    for r in _runs_of(plan, "efficiency"):
+        log = logs.get(r.id)
+        if log is not None and log.final_valid is not None and math.isfinite(log.final_valid):
+            ref.setdefault(r.seed, {})[float(r.iters * study.tokens_per_step)] = log.final_valid
+    budgets = sorted({t for v in ref.values() for t in v})
+    brows = [[f"{t / base_tokens:.2f}x", f"{int(t // study.tokens_per_step)}", f"{int(t):,}",
+              _spread([ref[s][t] for s in ref if t in ref[s]])] for t in budgets]
+    md = [f"## Compute efficiency (reference `{eff.reference}` at LR {lr_text(plan.lr_of[eff.reference][0])})", "",
+          f"`{eff.reference}` trained at each budget as its own run (the LR schedule spans the budget), seeds "
+          f"{', '.join(map(str, study.compare.seeds))}:", "",
+          _table(["budget", "steps", "tokens", "final valid loss"], brows), "",
+          "Efficiency of a configuration = tokens the reference needs to reach the configuration's final validation "
+          f"loss at 1x ({base_tokens:,} tokens), divided by those tokens; the reference's losses (made "
+          "non-increasing) are interpolated linearly in log tokens. Estimate from the seed-mean curves; per seed; "
+          "95% t interval over the per-seed values (when none is a bound); 95% bootstrap interval over seeds. "
+          "'> x' / '< x': outside the measured budgets (a bound, not a value).", ""]
+    rows, out = [], {}
+    for c in eff.configs:
+        if c not in cmp_data:
+            continue
+        target = {s: log.final_valid for s, log in cmp_data[c].items() if log.final_valid is not None}
+        e = stats.efficiency(ref, target, base_tokens)
+        if e is None:
+            continue
+        lo, hi = e.range
+        out[c] = e
+        per_seed = ", ".join(f"s{s} {_ratio(v, lo, hi)}" for s, v in sorted(e.per_seed.items()))
+        boot = "–" if e.boot_ci is None else f"[{_ratio(e.boot_ci[0], lo, hi)}, {_ratio(e.boot_ci[1], lo, hi)}]"
+        t = "–" if e.t_ci is None else f"[{e.t_ci[0]:.3f}x, {e.t_ci[1]:.3f}x]"
+        rows.append([f"`{c}`", _ratio(e.estimate, lo, hi), per_seed, t, boot])
+    if rows:
+        md += [_table(["config", "efficiency vs " + f"`{eff.reference}`", "per seed", "t95", "bootstrap 95%"], rows), ""]
+    return md, budgets, out
+
+
+def _weight_decay(study: Study, run: Run) -> Optional[float]:
+    flags = list(study.train_flags) + list(run.extra_flags)
+    vals = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--weight-decay"]
+    return float(vals[-1]) if vals else None
+
+
+def wd_section(study: Study, plan: Plan, logs: Dict[str, RunLog], last_n: int):
+    runs = _runs_of(plan, "weight_decay")
+    data = by_config_seed(runs, logs)
+    if not data:
+        return [], data
+    wd = study.weight_decay
+    ref = f"{wd.base}+wd=megatron"
+    rows = []
+    for c in wd.configs:
+        if c not in data:
+            continue
+        fv = {s: r.final_valid for s, r in data[c].items()}
+        ft = {s: r.final_train(last_n) for s, r in data[c].items()}
+        exposure = []
+        for r in runs:
+            if r.config == c and r.id in logs:
+                w = _weight_decay(study, r)
+                exposure.append((logs[r.id].summary["lr_sum"], w))
+        lr_sum = statistics.fmean(e[0] for e in exposure)
+        w = exposure[0][1]
+        expo = f"{w * lr_sum:.3f} (wd {w:g} x Σlr {lr_sum:.3f})" if w is not None else f"Σlr {lr_sum:.3f}"
+        cells = [f"`{c}`", _spread(list(fv.values())), _spread(list(ft.values()))]
+        if ref in data and c != ref:
+            cells += [_paired_cell(stats.paired(fv, {s: r.final_valid for s, r in data[ref].items()})),
+                      _paired_cell(stats.paired(ft, {s: r.final_train(last_n) for s, r in data[ref].items()}))]
+        else:
+            cells += ["–", "–"]
+        rows.append(cells + [expo])
+    lr = runs[0].lr
+    md = [f"## Weight-decay study (`{wd.base}`, {len(wd.seeds)} paired seeds, {runs[0].iters} steps, LR "
+          f"{lr_text(lr)})", "",
+          "Policies for the scale vectors' weight decay; Δ = policy − `megatron` on the same seed. Decay exposure = "
+          "weight decay x the sum of the per-step LRs: a vector with no gradient would shrink by exp(−exposure).", "",
+          _table(["policy", "final valid loss", "final train loss", "Δ valid vs megatron", "Δ train vs megatron",
+                  "decay exposure"], rows), ""]
+    return md, data
+
+
+def pairing_section(plan: Plan, logs: Dict[str, RunLog]) -> List[str]:
+    """Configurations equal to `standard` at init must have standard's iteration-1 loss (same seed and steps:
+    the data order depends on both)."""
+    std = {(r.seed, r.iters): logs[r.id].initial_loss for r in plan.runs.values()
+           if r.config == "standard" and r.id in logs and logs[r.id].initial_loss is not None}
+    diffs = []
+    for r in plan.runs.values():
+        if r.config in SAME_AS_STANDARD_AT_INIT and r.config != "standard" and r.id in logs:
+            ref = std.get((r.seed, r.iters))
+            if ref is not None and logs[r.id].initial_loss is not None:
+                diffs.append((abs(logs[r.id].initial_loss - ref), r.id))
+    if not diffs:
+        return []
+    worst = max(diffs)
+    return ["## Pairing check", "",
+            f"Runs of configurations that start as the same function as `standard` have its iteration-1 loss on the "
+            f"same seed: largest |difference| over {len(diffs)} runs = {worst[0]:.2e} ({worst[1]}).", ""]
+
+
+# ---------------------------------------------------------------------------------------------- csv
+def write_runs_csv(plan: Plan, logs: Dict[str, RunLog], study: Study, path: str, last_n: int) -> None:
+    stage_of: Dict[str, List[str]] = {}
+    for s, ids in plan.stages.items():
+        for i in ids:
+            stage_of.setdefault(i, []).append(s)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "stages", "config", "lr", "seed", "iters", "tokens", "status", "initial_loss",
+                    "final_train", "final_valid", "lr_sum"])
+        for i, r in plan.runs.items():
+            log = logs.get(i)
+            status = "missing" if log is None else "diverged" if log.diverged else (
+                "complete" if log.complete else "partial")
+            w.writerow([i, " ".join(stage_of[i]), r.config, lr_text(r.lr), r.seed, r.iters,
+                        r.iters * study.tokens_per_step, status, log and log.initial_loss,
+                        log and log.final_train(last_n), log and log.final_valid,
+                        log and log.summary.get("lr_sum")])
+
+
+def write_summary_csv(summary: List[dict], refs: List[str], path: str) -> None:
+    fields = ["config", "lr", "lr_source", "seeds", "final_valid_mean", "final_valid_std", "final_train_mean",
+              "final_train_std"]
+    for r in refs:
+        for k in ("final_valid", "final_train"):
+            fields += [f"d_{k}_vs_{r}_{s}" for s in ("mean", "t95_lo", "t95_hi", "boot95_lo", "boot95_hi",
+                                                      "agree", "n")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in summary:
+            out = {k: row.get(k) for k in fields if k in row}
+            for r in refs:
+                for k in ("final_valid", "final_train"):
+                    p = row.get(f"d_{k}_vs_{r}")
+                    if p is None:
+                        continue
+                    pre = f"d_{k}_vs_{r}_"
+                    out.update({pre + "mean": p.mean, pre + "agree": p.agree, pre + "n": p.n,
+                                pre + "t95_lo": p.t_ci and p.t_ci[0], pre + "t95_hi": p.t_ci and p.t_ci[1],
+                                pre + "boot95_lo": p.boot_ci and p.boot_ci[0],
+                                pre + "boot95_hi": p.boot_ci and p.boot_ci[1]})
+            w.writerow(out)
+
+
+def write_efficiency_csv(eff: Dict[str, stats.Efficiency], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "estimate", "per_seed", "t95_lo", "t95_hi", "boot95_lo", "boot95_hi", "range_lo",
+                    "range_hi"])
+        for c, e in eff.items():
+            w.writerow([c, e.estimate, " ".join(f"{s}:{v}" for s, v in sorted(e.per_seed.items())),
+                        e.t_ci and e.t_ci[0], e.t_ci and e.t_ci[1], e.boot_ci and e.boot_ci[0],
+                        e.boot_ci and e.boot_ci[1], e.range[0], e.range[1]])
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    # matplotlib is a dev extra and only needed for the figures (--no-plots works without it)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    if ref not in data:
-        return
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for c in configs:
-        if c not in data or c == ref:
-            continue
-        seeds = [s for s in data[c] if s in data[ref]]
-        if not seeds:
-            continue
-        diffs = []
-        for s in seeds:
-            a, b = dict(data[c][s]["train_curve"]), dict(data[ref][s]["train_curve"])
-            its = sorted(set(a) & set(b))
-            diffs.append(dict(zip(its, _smooth([a[i] - b[i] for i in its], smooth))))
-        its = sorted(set.intersection(*[set(d) for d in diffs]))
-        ax.plot(its, [statistics.fmean(d[i] for d in diffs) for i in its], label=f"{c} (n={len(seeds)})")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="iteration", ylabel=f"train loss − {ref} (paired by seed, moving avg {smooth})",
-           title=f"paired difference to {ref} (below 0 = better)")
+
+def plot_sweep(grid: Dict[str, Dict[float, Optional[float]]], plan: Plan, path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    finite = [v for g in grid.values() for v in g.values() if v is not None and math.isfinite(v)]
+    top = max(finite) if finite else 1.0
+    for c, g in grid.items():
+        lrs = sorted(lr for lr, v in g.items() if v is not None and math.isfinite(v))
+        line, = ax.plot(lrs, [g[lr] for lr in lrs], marker="o", label=c)
+        div = [lr for lr, v in g.items() if v is not None and math.isinf(v)]
+        if div:
+            ax.plot(div, [top] * len(div), "x", color=line.get_color(), ms=9)
+        if c in plan.best_lr and plan.best_lr[c] in g:
+            ax.plot([plan.best_lr[c]], [g[plan.best_lr[c]]], "*", color=line.get_color(), ms=14)
+    ax.set_xscale("log")
+    ax.set(xlabel="peak learning rate", ylabel="final validation loss", title="LR sweep (star: best; x: diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -337,183 +400,159 @@ def plot_diffs(data, configs: List[str], ref: str, path: str, smooth: int) -> No
     plt.close(fig)
 
 
-def _vector_series(run_dir: str) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
-    """vector name -> stat (mean/min/max/magnitude) -> series, from the TensorBoard scalars."""
-    tags = read_tensorboard(os.path.join(run_dir, "tensorboard"), prefix="scale_vectors/")
-    out: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
-    for tag, series in tags.items():
-        name, stat = tag[len("scale_vectors/"):].rsplit("/", 1)
-        out.setdefault(name, {})[stat] = series
-    return out
+def _mean_valid_curve(runs: Dict[int, RunLog]) -> Tuple[List[float], List[float], List[float], List[float]]:
+    its = sorted(set.intersection(*[set(r.valid) for r in runs.values()]))
+    tps = next(iter(runs.values())).tokens_per_step
+    vals = [[r.valid[i] for r in runs.values()] for i in its]
+    return ([i * tps for i in its], [statistics.fmean(v) for v in vals], [min(v) for v in vals],
+            [max(v) for v in vals])
 
 
-def plot_hg(run_dir: str, config: str, path: str) -> Optional[Dict[str, float]]:
-    """Per layer: the branch vectors' RMS (magnitude) with their [min, max] entries over training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    vecs = _vector_series(run_dir)
-    layers = sorted({int(m.group(1)) for n in vecs for m in [re.match(r"layer(\d+)/", n)] if m})
-    groups = [("attention input vectors", "attn/qkv/in/", ["q", "k", "v"]),
-              ("MLP input vectors", "mlp/fc1/in/", ["gate", "up"])]
-    if not layers or not any(f"layer{layers[0]}/{g[1]}{b}" in vecs for g in groups for b in g[2]):
-        return None
-    fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers), 6.4), squeeze=False)
-    final = {}
-    for row, (title, stem, branches) in enumerate(groups):
-        for col, layer in enumerate(layers):
-            ax = axes[row][col]
-            for b in branches:
-                v = vecs.get(f"layer{layer}/{stem}{b}")
-                if not v:
-                    continue
-                its = [i for i, _ in v["magnitude"]]
-                line, = ax.plot(its, [x for _, x in v["magnitude"]], label=f"{b} RMS")
-                ax.fill_between(its, [x for _, x in v["min"]], [x for _, x in v["max"]], alpha=0.12,
-                                color=line.get_color())
-                final.setdefault(b, []).append(v["magnitude"][-1][1])
-            ax.set_title(f"layer {layer}: {title}", fontsize=9)
-            ax.grid(alpha=0.3)
-            if col == 0:
-                ax.set_ylabel("RMS (line), min..max entries (band)")
-            if row == 1:
-                ax.set_xlabel("iteration")
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{config}: learned branch-specific input scale vectors ({os.path.relpath(run_dir)})",
-                 fontsize=10)
+def plot_curves(data: Dict[str, Dict[int, RunLog]], path: str, title: str, reference: Optional[str]) -> None:
+    """Left: validation loss against tokens (mean over seeds, band min..max). Right: the paired difference to
+    the reference at each evaluation (where a gain opens or closes)."""
+    plt = _pyplot()
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for k, (c, runs) in enumerate(data.items()):
+        color = f"C{k % 10}"
+        x, m, lo, hi = _mean_valid_curve(runs)
+        ax.plot(x, m, marker="o", ms=3, color=color, label=f"{c} (n={len(runs)})")
+        ax.fill_between(x, lo, hi, alpha=0.12, color=color)
+        if reference in data and c != reference:
+            seeds = [s for s in runs if s in data[reference]]
+            its = sorted(set.intersection(*[set(runs[s].valid) & set(data[reference][s].valid) for s in seeds])) \
+                if seeds else []
+            d = [[runs[s].valid[i] - data[reference][s].valid[i] for s in seeds] for i in its]
+            tps = runs[seeds[0]].tokens_per_step if seeds else 0
+            dx.plot([i * tps for i in its], [statistics.fmean(v) for v in d], marker="o", ms=3, color=color,
+                    label=f"{c} (n={len(seeds)})")
+            dx.fill_between([i * tps for i in its], [min(v) for v in d], [max(v) for v in d], alpha=0.12,
+                            color=color)
+    ax.set(xlabel="tokens", ylabel="validation loss (mean over seeds; band: min..max)", title=title)
+    dx.axhline(0, color="k", lw=0.8)
+    dx.set(xlabel="tokens", ylabel=f"validation loss − {reference} (same seed)",
+           title=f"paired difference to {reference} (below 0 = better)")
+    for a in (ax, dx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {b: statistics.fmean(v) for b, v in final.items()}
 
 
-def plot_magnitudes(run_dirs: Dict[str, str], path: str) -> None:
-    """OR/ER magnitudes (beta) of every vector over training, one panel per configuration."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not run_dirs:
+def plot_efficiency(study: Study, plan: Plan, logs: Dict[str, RunLog], cmp_data, eff: Dict[str, stats.Efficiency],
+                    path: str) -> None:
+    plt = _pyplot()
+    base = study.iters * study.tokens_per_step
+    ref: Dict[float, List[float]] = {}
+    for r in _runs_of(plan, "efficiency"):
+        log = logs.get(r.id)
+        if log is not None and log.final_valid is not None and math.isfinite(log.final_valid):
+            ref.setdefault(r.iters * study.tokens_per_step, []).append(log.final_valid)
+    if len(ref) < 2:
         return
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 4.4), squeeze=False)
-    colors = {}
-    for ax, (config, d) in zip(axes[0], run_dirs.items()):
-        for name, v in sorted(_vector_series(d).items()):
-            kind = re.sub(r"^layer\d+/", "", name)
-            if kind not in colors:
-                colors[kind] = f"C{len(colors) % 10}"
-            its = [i for i, _ in v["magnitude"]]
-            ax.plot(its, [x for _, x in v["magnitude"]], color=colors[kind], lw=1,
-                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
-        ax.set(title=f"{config}: magnitude of each vector", xlabel="iteration",
-               ylabel="magnitude (OR/ER beta, else RMS)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ts = sorted(ref)
+    for t in ts:
+        ax.plot([t] * len(ref[t]), ref[t], ".", color="gray", alpha=0.6)
+    ax.plot(ts, [statistics.fmean(ref[t]) for t in ts], "-o", color="black",
+            label=f"{study.efficiency.reference} (mean; dots: seeds)")
+    for k, (c, e) in enumerate(eff.items()):
+        target = statistics.fmean(log.final_valid for log in cmp_data[c].values())
+        color = f"C{k % 10}"
+        ax.axhline(target, color=color, lw=0.9, ls="--")
+        label = f"{c}: {_ratio(e.estimate, *e.range)}"
+        if 0 < e.estimate < math.inf:
+            ax.plot([e.estimate * base], [target], "D", color=color, label=label)
+        else:
+            ax.plot([], [], "--", color=color, label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="tokens of the reference run (log)", ylabel="final validation loss",
+           title="tokens the reference needs to match each configuration")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------- overhead
-def overhead_table(path: str, rows: List[dict]) -> str:
-    o = json.load(open(path))
-    total = {r["config"]: r["total_params"] for r in rows}
-    lines = [f"Device: {o.get('device')}; shape: " + ", ".join(
-        f"{k}={o['args'][k]}" for k in ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length",
-                                        "micro_batch_size", "num_microbatches", "rounds") if k in o.get("args", {})),
-        "", "| strategy | scale-vector params | share of the model | ms/step | step time vs standard | "
-            "peak memory vs standard |", "|---|---|---|---|---|---|"]
-    for s, r in o["results"].items():
-        tot = total.get(s)
-        share = f"{r['sv_params'] / tot:.2e}" if tot else "–"
-        lines.append(f"| `{s}` | {r['sv_params']:,} | {share} | {r['ms_per_step']:.1f} | {r['time_ratio']:.3f}x | "
-                     f"{r['mem_ratio']:.3f}x |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- main
-def build_report(runs_root: str, out_dir: str, last_n: int = 20, references=("standard", "standard+qk"),
-                 overhead_json: Optional[str] = None, plots: bool = True, seq_length: Optional[int] = None,
-                 smooth: int = 10) -> dict:
+def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Sequence[str] = ("standard", "standard+qk"),
+                 overhead_json: Optional[str] = None, plots: bool = True, allow_incomplete: bool = False) -> dict:
+    study, logs = load(runs_root)
+    plan = study_plan(study, logs)
+    missing = unfinished(plan, logs)
+    if missing and not allow_incomplete:
+        raise ReportError(f"{len(missing)} of {len(plan.runs)} planned runs are not finished (e.g. {missing[0]}); "
+                          "finish them (tools/ablation.py run/submit) or pass --allow-incomplete")
     os.makedirs(out_dir, exist_ok=True)
-    data = discover(runs_root, last_n, seq_length)
-    wd_ref = WD_PREFIX + "megatron"
-    rows = summarize(data, list(references), wd_ref)
-    main_rows = [r for r in rows if not r["config"].startswith(WD_PREFIX)]
-    wd_rows = [r for r in rows if r["config"].startswith(WD_PREFIX)]
-    order = {c: i for i, c in enumerate(["standard", "none", "hg", "dp", "dnp", "or", "er", "iwd", "unified",
-                                          "standard+qk"])}
-    main_rows.sort(key=lambda r: (order.get(r["config"], 99), r["config"]))
-    wd_order = {p: i for i, p in enumerate(["megatron", "all", "none", "iwd"])}
-    wd_rows.sort(key=lambda r: (wd_order.get(r["config"][len(WD_PREFIX):], 99), r["config"]))
-    refs_present = [r for r in references if r in data]
-
-    md = [f"# Ablation results ({os.path.relpath(runs_root)})", "",
-          f"Final train loss = mean of the last {last_n} iterations' training losses; final validation loss = "
-          "the last evaluation (end of training). Mean ± sample std [min, max] over seeds. Δ = configuration − "
-          "reference on the same seed (same data order and initial weights), mean ± std of the paired "
-          "differences over seeds, and on how many seeds the configuration was lower.", ""]
-    if main_rows:
-        md += ["## Strategies", "", markdown_table(main_rows, refs_present), ""]
-    if wd_rows:
-        md += ["## Weight-decay study (standard + QK-norm + post-sub-layer norms)", "",
-               markdown_table(wd_rows, [wd_ref] if wd_ref in data else []), ""]
-    chk = pairing_check(data)
-    if chk:
-        worst = max(chk, key=lambda t: t[2])
-        md += ["## Pairing check", "",
-               f"Configurations that start as the same function as `standard` "
-               f"({', '.join(sorted({c for c, _, _ in chk}))}) must have the same iteration-1 loss on the same "
-               f"seed: largest |difference| over {len(chk)} runs = {worst[2]:.2e} ({worst[0]}, seed {worst[1]}).", ""]
-    hg_final = None
-    if plots:
-        plot_losses(data, [r["config"] for r in main_rows], os.path.join(out_dir, "loss_curves.png"),
-                    "train loss", smooth)
-        if "standard" in data:
-            plot_diffs(data, [r["config"] for r in main_rows], "standard", os.path.join(out_dir, "loss_diff.png"),
-                       smooth)
-        if wd_rows:
-            plot_losses(data, [r["config"] for r in wd_rows], os.path.join(out_dir, "wd_loss_curves.png"),
-                        "weight-decay study: train loss", smooth)
-            if wd_ref in data:
-                plot_diffs(data, [r["config"] for r in wd_rows], wd_ref, os.path.join(out_dir, "wd_loss_diff.png"),
-                           smooth)
-        first = lambda c: data[c][min(data[c])]["dir"]  # noqa: E731
-        if "hg" in data:
-            hg_final = plot_hg(first("hg"), "hg", os.path.join(out_dir, "scale_vectors_hg.png"))
-        mags = {c: first(c) for c in ("or", "er", "unified", "standard") if c in data}
-        plot_magnitudes(mags, os.path.join(out_dir, "scale_vector_magnitudes.png"))
-    if hg_final:
-        md += ["## Learned branch vectors (hg, first seed, end of training)", "",
-               "Mean over layers of each branch vector's RMS (all start at 1.0): "
-               + ", ".join(f"{b} {v:.3f}" for b, v in hg_final.items()), ""]
-    if overhead_json and os.path.exists(overhead_json):
+    refs = list(references)
+    md = [f"# Study `{study.name}`", ""] + ([study.description, ""] if study.description else []) + [
+          f"Every run: {study.tokens_per_step:,} tokens per step; {study.iters} steps "
+          f"({study.iters * study.tokens_per_step:,} tokens) unless stated; {study.warmup} warm-up steps; minimum LR "
+          f"{study.min_lr_ratio:g} x peak. Shared flags: `{' '.join(study.train_flags)}`.", ""]
+    if missing:
+        md += [f"**Incomplete:** {len(missing)} of {len(plan.runs)} planned runs are not finished: "
+               + ", ".join(missing), ""]
+    if plan.waiting:
+        md += ["Not planned yet: " + "; ".join(plan.waiting), ""]
+    sweep_md, grid = sweep_section(study, plan, logs)
+    cmp_md, summary, cmp_data = compare_section(study, plan, logs, refs, last_n) if study.compare else ([], [], {})
+    eff_md, _, eff = efficiency_section(study, plan, logs, cmp_data) if study.compare else ([], [], {})
+    wd_md, wd_data = wd_section(study, plan, logs, last_n) if study.weight_decay else ([], {})
+    md += sweep_md + cmp_md + eff_md + wd_md + pairing_section(plan, logs)
+    if overhead_json:
+        with open(overhead_json) as f:
+            o = json.load(f)
         md += ["## Overhead (benchmarks/bench_scale_vectors.py, strategies side by side)", "",
-               overhead_table(overhead_json, rows), ""]
+               _table(["strategy", "ms/step", "step time vs standard", "peak memory vs standard"],
+                      [[f"`{s}`", f"{r['ms_per_step']:.1f}", f"{r['time_ratio']:.3f}x", f"{r['mem_ratio']:.3f}x"]
+                       for s, r in o["results"].items()]), ""]
+    text = "\n".join(md)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("\n".join(md))
-    write_csv(main_rows + wd_rows, os.path.join(out_dir, "summary.csv"))
-    write_runs_csv(data, os.path.join(out_dir, "runs.csv"))
-    return dict(data=data, rows=main_rows + wd_rows, markdown="\n".join(md))
+        f.write(text)
+    write_runs_csv(plan, logs, study, os.path.join(out_dir, "runs.csv"), last_n)
+    write_summary_csv(summary, refs, os.path.join(out_dir, "summary.csv"))
+    write_efficiency_csv(eff, os.path.join(out_dir, "efficiency.csv"))
+    if plots:
+        if grid:
+            plot_sweep(grid, plan, os.path.join(out_dir, "lr_sweep.png"))
+        if cmp_data:
+            plot_curves(cmp_data, os.path.join(out_dir, "valid_loss_vs_tokens.png"),
+                        "validation loss, each configuration at its best LR", refs[0] if refs else None)
+            plot_efficiency(study, plan, logs, cmp_data, eff, os.path.join(out_dir, "compute_efficiency.png"))
+        if wd_data:
+            plot_curves(wd_data, os.path.join(out_dir, "wd_valid_loss.png"), "weight-decay study: validation loss",
+                        f"{study.weight_decay.base}+wd=megatron")
+    return dict(study=study, plan=plan, logs=logs, summary=summary, efficiency=eff, markdown=text)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="the --out directory of tools/ablation.py")
-    p.add_argument("--out", required=True)
-    p.add_argument("--last-n", type=int, default=20, help="final train loss = mean of the last N iterations")
+    p.add_argument("--runs", required=True, help="a study directory (tools/ablation.py --out, or exported logs)")
+    p.add_argument("--out", required=True, help="where results.md, the CSVs and the plots go")
+    p.add_argument("--export-logs", default=None,
+                   help="first copy the small per-run logs here (to commit them), then report from them")
+    p.add_argument("--last-n", type=int, default=20, help="final train loss = mean of the last N steps")
     p.add_argument("--references", nargs="+", default=["standard", "standard+qk"])
     p.add_argument("--overhead-json", default=None, help="benchmarks/bench_scale_vectors.py --json output")
-    p.add_argument("--seq-length", type=int, default=None, help="if the runs have no command.json")
-    p.add_argument("--smooth", type=int, default=10, help="moving-average window of the curves")
+    p.add_argument("--allow-incomplete", action="store_true", help="report a study whose runs are not all done")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
-    rep = build_report(a.runs, a.out, a.last_n, a.references, a.overhead_json, not a.no_plots, a.seq_length,
-                       a.smooth)
+    try:
+        runs = a.runs
+        if a.export_logs:
+            load(runs)  # refuse an empty study before writing anything
+            n = export_logs(runs, a.export_logs)
+            print(f"exported {n} run logs to {a.export_logs}", file=sys.stderr)
+            runs = a.export_logs
+        rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_json, not a.no_plots, a.allow_incomplete)
+    except (ReportError, StudyError, RunLogError, OSError) as e:
+        print(f"ablation_report.py: error: {e}", file=sys.stderr)
+        return 2
     print(rep["markdown"])
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -10,7 +10,10 @@
 # adds the paper's sizes, a token budget of TOKENS_PER_PARAM (default 100) tokens per parameter, the
 # optimizer (OPT=adam|muon) and the schedule (SCHED=cosine|wsd; WSD decays over the last WSD_FRAC, default 0.2).
 # A paired comparison (e.g. STRATEGY=standard vs unified, and standard + EXTRA_ARGS=--qk-layernorm as the
-# QK-norm control) uses the same SEED and the same data; tools/ablation.py does this locally.
+# QK-norm control) uses the same SEED and the same data. A whole study (LR sweeps, paired seeds at each
+# configuration's best LR, compute efficiency, weight decay) submits this script once per run:
+#   python tools/ablation.py submit examples/paper_scales/study_0.12b.json --out runs/paper_0.12b   (DRY_RUN=1 first)
+# see examples/paper_scales/README.md.
 # Environment: MODEL, STRATEGY (default unified), OPT, SCHED, SEED, DATA_PATH, TOKENIZER_MODEL, TP, PP, EP,
 # MBS, GBS, SEQ, LR, MIN_LR, WARMUP, TOKENS_PER_PARAM, TRAIN_TOKENS, TRAIN_ITERS, SAVE_DIR, TB_DIR,
 # GPUS_PER_NODE, MASTER_PORT, EXTRA_ARGS, DRY_RUN=1.

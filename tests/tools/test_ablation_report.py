@@ -1,175 +1,161 @@
-"""tools/ablation_report.py on synthetic metrics files (values checked by hand), and the command
-construction of tools/ablation.py (no training)."""
+"""tools/ablation_report.py on a synthetic study (every planned run written with chosen final losses; the
+expected numbers are computed by hand here), its refusal of empty or unfinished input, and the
+regeneration from the exported (committed) logs."""
 
 import csv
-import importlib.util
-import json
+import math
 import os
+import shutil
 import statistics
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_sv.study.spec import Run
+from tests.tools.study_fixtures import TOKENS_PER_STEP, load_tool, study_dict, write_study
+
+report = load_tool("ablation_report")
+
+STUDY = study_dict(
+    sweep=dict(configs=["standard", "unified"], lrs=[0.001, 0.002, 0.004], seed=1, max_extensions=0),
+    compare=dict(configs=["standard", "hg", "unified", "standard+qk"], seeds=[1, 2, 3],
+                 lr_from={"hg": "standard", "standard+qk": "standard"}),
+    efficiency=dict(reference="standard", budgets=[2.0, 4.0]),
+    weight_decay=dict(base="standard+qk+post", policies=["megatron", "iwd"], seeds=[1, 2], lr=0.002, iters=20,
+                      extra_flags=["--weight-decay", "0.5"], tag="wd0.5"),
+)
+SEED_OFFSET = {1: 0.0, 2: 0.2, 3: 0.1}
+# at each configuration's best LR (0.002 for standard, 0.004 for unified): final valid loss per seed
+DELTA = {"standard": {1: 0.0, 2: 0.0, 3: 0.0}, "hg": {1: -0.01, 2: -0.02, 3: 0.0},
+         "unified": {1: -0.1, 2: -0.05, 3: -0.15}, "standard+qk": {1: -0.02, 2: 0.01, 3: -0.02}}
+SWEEP = {("standard", 0.001): 3.2, ("standard", 0.002): 3.0, ("standard", 0.004): 3.1,
+         ("unified", 0.001): 3.3, ("unified", 0.002): 3.0}  # unified at 0.004: 3.0 - 0.1 (its compare value)
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def final_valid(run: Run) -> float:
+    if run.config.startswith("standard+qk+post"):
+        return 3.0 + SEED_OFFSET[run.seed] + (-0.03 if run.config.endswith("iwd") else 0.0)
+    if run.seed == 1 and run.iters == 10 and (run.config, run.lr) in SWEEP:
+        return SWEEP[(run.config, run.lr)]
+    if run.config == "standard" and run.iters > 10:  # the reference at 2x and 4x: -0.2 per doubling
+        return 3.0 + SEED_OFFSET[run.seed] - 0.2 * math.log2(run.iters / 10)
+    return 3.0 + SEED_OFFSET[run.seed] + DELTA[run.config][run.seed]
 
 
-report = _load("ablation_report")
-ablation = _load("ablation")
-
-ITERS, GBS, SEQ = 10, 4, 16
-# final train losses are constant over the last iterations, so mean of the last N = that constant
-FINAL = {  # config -> seed -> (final train loss, final valid loss)
-    "standard": {1: (3.0, 3.1), 2: (3.2, 3.3), 3: (3.1, 3.2)},
-    "none": {1: (3.05, 3.2), 2: (3.3, 3.35), 3: (3.1, 3.3)},
-    "unified": {1: (2.9, 3.0), 2: (3.15, 3.2), 3: (3.05, 3.15)},
-    "standard+qk": {1: (2.95, 3.05), 2: (3.2, 3.25), 3: (3.0, 3.1)},
-    "standard+qk+post+wd=megatron": {1: (3.0, 3.0), 2: (3.1, 3.1)},
-    "standard+qk+post+wd=iwd": {1: (2.98, 2.97), 2: (3.06, 3.09)},
-}
-
-
-def _write_run(root, config, seed, final_train, final_valid, finished=True):
-    d = os.path.join(root, config, f"seed{seed}")
-    os.makedirs(d)
-    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
-        for it in range(1, ITERS + 1):
-            # iterations 1..5 decrease from 9.0; 6..10 sit at the final loss; iteration 1 is 9.0 for all
-            loss = 9.0 - (9.0 - final_train) * (it - 1) / 5 if it <= 5 else final_train
-            f.write(json.dumps({"type": "train", "iteration": it, "loss": loss, "grad_norm": 1.0, "lr": 1e-3,
-                                "consumed_samples": it * GBS, "ms_per_iter": 100.0 + it}) + "\n")
-            if it == 5:
-                f.write(json.dumps({"type": "valid", "iteration": 5, "loss": 5.0}) + "\n")
-        f.write(json.dumps({"type": "valid", "iteration": ITERS, "loss": final_valid}) + "\n")
-    with open(os.path.join(d, "command.json"), "w") as f:
-        json.dump({"config": config, "seed": seed, "argv": ["python", "pretrain_gpt_sv.py", "--seq-length",
-                                                            str(SEQ)]}, f)
-    with open(os.path.join(d, "stdout.log"), "w") as f:
-        f.write("scale-vector parameters: 1,234 of 100,000 (1.234e-02 of the model) (rank 0's shard)\n")
-    if finished:
-        with open(os.path.join(d, "done.json"), "w") as f:
-            json.dump({"rc": 0}, f)
+def final_train(run: Run) -> float:
+    return final_valid(run) - 0.3
 
 
 @pytest.fixture
-def runs(tmp_path):
-    root = str(tmp_path / "runs")
-    for c, seeds in FINAL.items():
-        for s, (t, v) in seeds.items():
-            _write_run(root, c, s, t, v)
-    _write_run(root, "hg", 1, 3.0, 3.0, finished=False)  # unfinished: ignored
+def study_dir(tmp_path):
+    root = str(tmp_path / "study")
+    write_study(root, STUDY, final_valid, final_train)
     return root
 
 
-def test_table_values_match_hand_computation(runs, tmp_path):
+def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     out = str(tmp_path / "report")
-    rep = report.build_report(runs, out, last_n=5, plots=False)
-    rows = {r["config"]: r for r in rep["rows"]}
-    assert "hg" not in rows
-    un = rows["unified"]
-    # final train: mean of the last 5 iterations = the constant tail
-    assert un["final_train"]["mean"] == pytest.approx((2.9 + 3.15 + 3.05) / 3)
-    assert un["final_train"]["std"] == pytest.approx(statistics.stdev([2.9, 3.15, 3.05]))
-    assert (un["final_train"]["min"], un["final_train"]["max"]) == (pytest.approx(2.9), pytest.approx(3.15))
-    assert un["final_valid"]["mean"] == pytest.approx((3.0 + 3.2 + 3.15) / 3)
-    # paired differences to standard: (-0.1, -0.05, -0.05) train, (-0.1, -0.1, -0.05) valid
-    d = un["diffs"]["standard"]
-    assert d["final_train"]["mean"] == pytest.approx(-0.2 / 3)
-    assert d["final_train"]["std"] == pytest.approx(statistics.stdev([-0.1, -0.05, -0.05]))
-    assert d["final_train"]["wins"] == 3 and d["final_train"]["seeds"] == [1, 2, 3]
-    assert d["final_valid"]["mean"] == pytest.approx(-0.25 / 3)
-    # and to the QK-norm control: (-0.05, -0.05, +0.05) train
-    dq = un["diffs"]["standard+qk"]["final_train"]
-    assert dq["mean"] == pytest.approx(-0.05 / 3) and dq["wins"] == 2
-    # none vs standard: (+0.05, +0.1, 0.0)
-    assert rows["none"]["diffs"]["standard"]["final_train"]["mean"] == pytest.approx(0.05)
-    # weight-decay study rows are paired with wd=megatron only
-    wd = rows["standard+qk+post+wd=iwd"]
-    assert list(wd["diffs"]) == ["standard+qk+post+wd=megatron"]
-    assert wd["diffs"]["standard+qk+post+wd=megatron"]["final_valid"]["mean"] == pytest.approx((-0.03 - 0.01) / 2)
-    # tokens seen = consumed samples x seq length; parameters from the log
-    assert un["tokens"] == ITERS * GBS * SEQ
-    assert un["sv_params"] == 1234 and un["total_params"] == 100000
-    assert un["ms_per_iter"] == pytest.approx(105.5)
+    rep = report.build_report(study_dir, out, last_n=5, plots=False)
+    plan = rep["plan"]
+    assert plan.best_lr == {"standard": 0.002, "unified": 0.004}
+    rows = {r["config"]: r for r in rep["summary"]}
+    assert rows["hg"]["lr"] == 0.002 and rows["hg"]["lr_source"] == "best LR of standard"
+    # unified - standard, paired: (-0.1, -0.05, -0.15)
+    d = rows["unified"]["d_final_valid_vs_standard"]
+    assert d.diffs == pytest.approx([-0.1, -0.05, -0.15])
+    half = 4.302653 * statistics.stdev([-0.1, -0.05, -0.15]) / math.sqrt(3)
+    assert d.mean == pytest.approx(-0.1) and d.t_ci == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-6)
+    assert d.agree == 3
+    # the train loss is the mean of the last 5 steps, which sit at final_valid - 0.3
+    assert rows["unified"]["final_train_mean"] == pytest.approx(statistics.fmean(
+        [3.0 + SEED_OFFSET[s] + DELTA["unified"][s] - 0.3 for s in (1, 2, 3)]))
+    dq = rows["standard+qk"]["d_final_valid_vs_standard"]
+    assert dq.agree == 2 and dq.mean == pytest.approx(-0.01)
+    assert rows["unified"]["d_final_valid_vs_standard+qk"].mean == pytest.approx(-0.1 + 0.01)
 
-    md = open(os.path.join(out, "results.md")).read()
-    assert "-0.0667 ± 0.0289 (3/3 lower)" in md  # unified vs standard, train
-    assert "largest |difference| over 3 runs = 0.00e+00" in md  # none vs standard at iteration 1
+    # efficiency: the reference loses 0.2 per doubling of tokens on every seed, so a paired gain of g is worth
+    # 2**(g / 0.2) times the tokens; from the seed-mean curves: 2**(0.1 / 0.2)
+    e = rep["efficiency"]["unified"]
+    assert e.estimate == pytest.approx(2 ** 0.5)
+    assert e.per_seed == pytest.approx({1: 2 ** 0.5, 2: 2 ** 0.25, 3: 2 ** 0.75})
+    assert e.range == (1.0, 4.0)
+    assert rep["efficiency"]["hg"].per_seed[3] == pytest.approx(1.0)
+
+    md = rep["markdown"]
+    assert "| `standard` | 3.2000 | **3.0000** | 3.1000 | 0.002 |" in md  # the sweep row, best in bold
+    assert "-0.1000 t95 [-0.2242, +0.0242]" in md and "(3/3 lower)" in md
+    assert "`unified` | 1.414x |" in md
+    # weight-decay study: paired with megatron, and the decay exposure wd x sum of per-step LRs
+    assert "+wd=iwd` | 3.0700" in md and "-0.0300 t95" in md and "(2/2 lower)" in md
+    assert f"{0.5 * 0.002 * 20:.3f} (wd 0.5 x Σlr {0.002 * 20:.3f})" in md
+    assert "largest |difference|" in md and "0.00e+00" in md  # hg starts as standard on each seed
+
     with open(os.path.join(out, "summary.csv")) as f:
-        csv_rows = {r["config"]: r for r in csv.DictReader(f)}
-    assert float(csv_rows["unified"]["d_final_train_vs_standard_mean"]) == pytest.approx(-0.2 / 3)
-    assert csv_rows["standard"]["n"] == "3"
+        srows = {r["config"]: r for r in csv.DictReader(f)}
+    assert float(srows["unified"]["d_final_valid_vs_standard_mean"]) == pytest.approx(-0.1)
+    assert srows["unified"]["d_final_valid_vs_standard_agree"] == "3"
     with open(os.path.join(out, "runs.csv")) as f:
-        assert len(list(csv.DictReader(f))) == sum(len(v) for v in FINAL.values())
+        runs = list(csv.DictReader(f))
+    assert len(runs) == len(plan.runs) and {r["status"] for r in runs} == {"complete"}
+    shared = [r for r in runs if r["id"] == "standard_lr0.002_it10_s1"][0]
+    assert shared["stages"] == "sweep compare efficiency" and int(shared["tokens"]) == 10 * TOKENS_PER_STEP
+    with open(os.path.join(out, "efficiency.csv")) as f:
+        assert float({r["config"]: r for r in csv.DictReader(f)}["unified"]["estimate"]) == pytest.approx(2 ** 0.5)
 
 
-def test_plots_and_overhead(runs, tmp_path):
+def test_exported_logs_regenerate_the_same_report(study_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    oh = tmp_path / "overhead.json"
-    oh.write_text(json.dumps({"device": "CPU", "args": {"hidden_size": 128}, "results": {
-        "standard": {"ms_per_step": 10.0, "time_ratio": 1.0, "mem_ratio": 1.0, "sv_params": 1234},
-        "unified": {"ms_per_step": 11.0, "time_ratio": 1.1, "mem_ratio": 1.01, "sv_params": 2000}}}))
-    out = str(tmp_path / "report")
-    rep = report.build_report(runs, out, last_n=5, overhead_json=str(oh))
-    assert os.path.getsize(os.path.join(out, "loss_curves.png")) > 0
-    assert os.path.getsize(os.path.join(out, "loss_diff.png")) > 0
-    assert os.path.getsize(os.path.join(out, "wd_loss_curves.png")) > 0
-    assert "| `unified` | 2,000 | 2.00e-02 | 11.0 | 1.100x | 1.010x |" in rep["markdown"]
+    logs, out1, out2 = (str(tmp_path / n) for n in ("logs", "r1", "r2"))
+    assert report.main(["--runs", study_dir, "--out", out1, "--export-logs", logs, "--last-n", "5"]) == 0
+    assert sorted(os.listdir(os.path.join(logs, "standard_lr0.002_it10_s1"))) == ["metrics.jsonl", "run.json"]
+    assert report.main(["--runs", logs, "--out", out2, "--last-n", "5"]) == 0
+    for name in ("results.md", "runs.csv", "summary.csv", "efficiency.csv"):
+        assert open(os.path.join(out1, name)).read() == open(os.path.join(out2, name)).read(), name
+    for png in ("lr_sweep.png", "valid_loss_vs_tokens.png", "compute_efficiency.png", "wd_valid_loss.png"):
+        assert os.path.getsize(os.path.join(out1, png)) > 1000, png
 
 
-def test_runner_command_construction(tmp_path):
-    a = ablation.parse_args(["--out", str(tmp_path), "--configs", "standard", "dnp", "standard+qk",
-                             "--wd-study", "iwd", "--seeds", "1", "2", "--iters", "7",
-                             "--data-path", "data/x_text_document", "--tokenizer-model", "tok.model"])
-    runs = ablation.plan(a)
-    # seed-major order, every configuration once per seed
-    assert [(r["config"], r["seed"]) for r in runs] == [
-        ("standard", 1), ("dnp", 1), ("standard+qk", 1), ("standard+qk+post+wd=iwd", 1),
-        ("standard", 2), ("dnp", 2), ("standard+qk", 2), ("standard+qk+post+wd=iwd", 2)]
-
-    def flags(cmd, name):
-        return cmd[cmd.index(name) + 1]
-
-    shared = None
-    for r in runs:
-        cmd = r["cmd"]
-        assert cmd[1].endswith("pretrain_gpt_sv.py")
-        assert flags(cmd, "--seed") == str(r["seed"])
-        assert flags(cmd, "--metrics-file") == os.path.join(r["dir"], "metrics.jsonl")
-        assert flags(cmd, "--tensorboard-dir") == os.path.join(r["dir"], "tensorboard")
-        assert flags(cmd, "--train-iters") == "7" and flags(cmd, "--micro-batch-size") == "8"
-        # everything before the configuration's flags is identical across runs
-        base = cmd[:cmd.index("--scale-vector-strategy")]
-        shared = shared or base
-        assert base == shared
-    by = {(r["config"], r["seed"]): r["cmd"] for r in runs}
-    assert flags(by[("dnp", 1)], "--scale-vector-strategy") == "dnp"
-    assert "--qk-layernorm" in by[("standard+qk", 1)] and "--qk-layernorm" not in by[("standard", 1)]
-    wd = by[("standard+qk+post+wd=iwd", 2)]
-    assert "--sv-post-sublayer-norm" in wd and flags(wd, "--sv-weight-decay-policy") == "iwd"
-    assert runs[0]["dir"] == os.path.join(str(tmp_path), "standard", "seed1")
-    with pytest.raises(ValueError):
-        ablation.config_flags("standard+bogus")
-    with pytest.raises(ValueError):
-        ablation.config_flags("nonsense")
-
-    t = ablation.parse_args(["--out", str(tmp_path), "--launcher", "torchrun", "--nproc", "2"])
-    cmd = ablation.plan(t)[0]["cmd"]
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and flags(cmd, "--micro-batch-size") == "4"
-    assert "--mock-data" in cmd  # no --data-path given
+def _err(capsys):
+    return capsys.readouterr().err.strip().splitlines()
 
 
-def test_runner_skips_finished_runs(tmp_path, monkeypatch):
-    a = ablation.parse_args(["--out", str(tmp_path), "--configs", "standard", "none", "--seeds", "1"])
-    done = ablation.plan(a)[0]["dir"]
-    os.makedirs(done)
-    open(os.path.join(done, "done.json"), "w").write("{}")
-    calls = []
-    monkeypatch.setattr(ablation, "execute", lambda r, env: calls.append(r["config"]) or {"rc": 0, "wall_s": 0.0})
-    assert ablation.main(["--out", str(tmp_path), "--configs", "standard", "none", "--seeds", "1"]) == 0
-    assert calls == ["none"]
+def test_refuses_missing_empty_and_unfinished_input(study_dir, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert report.main(["--runs", str(tmp_path / "nope"), "--out", out]) == 2
+    assert "does not exist" in _err(capsys)[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main(["--runs", str(empty), "--out", out]) == 2
+    assert "has no study.json" in _err(capsys)[-1]
+    # a study directory whose runs have not finished (here: none has any metrics)
+    (empty / "study.json").write_text(open(os.path.join(study_dir, "study.json")).read())
+    os.makedirs(empty / "standard_lr0.001_it10_s1")
+    (empty / "standard_lr0.001_it10_s1" / "run.json").write_text(
+        open(os.path.join(study_dir, "standard_lr0.001_it10_s1", "run.json")).read())
+    assert report.main(["--runs", str(empty), "--out", out, "--export-logs", str(tmp_path / "x")]) == 2
+    assert "holds no finished run" in _err(capsys)[-1]
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")  # nothing written
+    # one planned run is missing: refused unless --allow-incomplete, which says so in the report
+    shutil.rmtree(os.path.join(study_dir, "hg_lr0.002_it10_s3"))
+    assert report.main(["--runs", study_dir, "--out", out, "--no-plots"]) == 2
+    err = _err(capsys)[-1]
+    assert "1 of" in err and "planned runs are not finished (e.g. hg_lr0.002_it10_s3)" in err
+    assert report.main(["--runs", study_dir, "--out", out, "--no-plots", "--allow-incomplete"]) == 0
+    assert "**Incomplete:** 1 of" in open(os.path.join(out, "results.md")).read()
+
+
+def test_corrupt_log_is_a_clear_error(study_dir, tmp_path, capsys):
+    p = os.path.join(study_dir, "standard_lr0.002_it10_s2", "metrics.jsonl")
+    lines = open(p).read().splitlines()
+    lines[3] = "{not json"
+    open(p, "w").write("\n".join(lines) + "\n")
+    assert report.main(["--runs", study_dir, "--out", str(tmp_path / "r"), "--no-plots"]) == 2
+    assert "metrics.jsonl:4: not a JSON record" in _err(capsys)[-1]
+
+
+def test_diverged_sweep_run_counts_as_infinite(tmp_path):
+    root = str(tmp_path / "s")
+    write_study(root, STUDY, final_valid, final_train,
+                diverged=lambda r: r.config == "unified" and r.lr == 0.004 and r.seed == 1)
+    rep = report.build_report(root, str(tmp_path / "r"), last_n=5, plots=False)
+    assert rep["plan"].best_lr["unified"] == 0.002
+    assert "| `unified` | 3.3000 | **3.0000** | diverged |" in rep["markdown"]
