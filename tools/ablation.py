@@ -35,7 +35,7 @@ if REPO not in sys.path:  # run as a script from anywhere: import this checkout'
     sys.path.insert(0, REPO)
 
 from megatron_sv.study.launch import (  # noqa: E402
-    continue_command, launch_record, local_command, local_env, sbatch_command, shell_line, slurm_env)
+    code_version, continue_command, launch_record, local_command, local_env, sbatch_command, shell_line, slurm_env)
 from megatron_sv.study.runlog import (  # noqa: E402
     RUN_FILE, STUDY_FILE, RunLogError, read_run, run_info)
 from megatron_sv.study.spec import (  # noqa: E402
@@ -187,6 +187,7 @@ def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
     d = run_dir(out, run)
     _update_info(run, study, out)
     cmd = local_command(study, run, d, _free_port() if study.nproc > 1 else None)
+    code = code_version()  # the code this attempt starts with
     t0 = time.time()
     interrupted = None
     with open(os.path.join(d, "stdout.log"), "a") as log:
@@ -205,7 +206,8 @@ def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
     wall = time.time() - t0
-    _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 code=code)
     if interrupted is not None:
         raise interrupted
     return rc, wall
@@ -309,7 +311,7 @@ def cmd_submit(study: Study, study_path: str, out: str, dry_run: bool) -> int:
             jobs.append(f"<{r.id}>")
             continue
         job = _sbatch(cmd, dict(os.environ, **env))
-        _update_info(r, study, out, job_id=job, submitted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _update_info(r, study, out, job_id=job, submitted=time.strftime("%Y-%m-%dT%H:%M:%S"), code=code_version())
         print(f"{r.id}: job {job}", flush=True)
         jobs.append(job)
     for w in plan.waiting:

@@ -458,7 +458,11 @@ def plot_efficiency(study: Study, plan: Plan, logs: Dict[str, RunLog], cmp_data,
     ax.plot(ts, [statistics.fmean(ref[t]) for t in ts], "-o", color="black",
             label=f"{study.efficiency.reference} (mean; dots: seeds)")
     for k, (c, e) in enumerate(eff.items()):
-        target = statistics.fmean(log.final_valid for log in cmp_data[c].values())
+        finals = [log.final_valid for log in cmp_data[c].values()
+                  if log.final_valid is not None and math.isfinite(log.final_valid)]
+        if not finals:
+            continue
+        target = statistics.fmean(finals)
         color = f"C{k % 10}"
         ax.axhline(target, color=color, lw=0.9, ls="--")
         label = f"{c}: {_ratio(e.estimate, *e.range)}"
@@ -491,6 +495,13 @@ def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Seq
           f"Every run: {study.tokens_per_step:,} tokens per step; {study.iters} steps "
           f"({study.iters * study.tokens_per_step:,} tokens) unless stated; {study.warmup} warm-up steps; minimum LR "
           f"{study.min_lr_ratio:g} x peak. Shared flags: `{' '.join(study.train_flags)}`.", ""]
+    versions: Dict[str, int] = {}
+    for i in plan.runs:
+        if i in logs:
+            for v in {a.get("code", "unknown") for a in logs[i].info.get("attempts", [])} or {"unknown"}:
+                versions[v] = versions.get(v, 0) + 1
+    md += ["Code version(s) of the runs' attempts (git commit): "
+           + ", ".join(f"`{v}` ({n} runs)" for v, n in sorted(versions.items())) + ".", ""]
     if missing:
         md += [f"**Incomplete:** {len(missing)} of {len(plan.runs)} planned runs are not finished: "
                + ", ".join(missing), ""]

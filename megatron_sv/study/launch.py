@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -85,6 +86,21 @@ def continue_command(study: Study, study_path: str, out: str, dependency: Sequen
     if dependency:
         cmd.append("--dependency=afterany:" + ":".join(dependency))
     return cmd + ["--wrap", f"cd {shlex.quote(REPO)} && {again}"]
+
+
+def code_version() -> str:
+    """The checkout's commit (+dirty with uncommitted changes to tracked files), recorded with every attempt so
+    a report can say which code produced its runs; 'unknown' outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def launch_record(study: Study, run: Run, run_dir: str) -> dict:

@@ -64,7 +64,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert f"training from iteration {stopped_at} to 30" in log, log[-3000:]
     assert _last_iteration(metrics) == 30
     info = json.loads((run_dir / "run.json").read_text())
-    assert len(info["attempts"]) == 2
+    assert len(info["attempts"]) == 2 and all(a["code"] for a in info["attempts"])  # the commit of each attempt
 
     # third call: nothing to do, nothing started
     assert ablation.main(["run", str(sp), "--out", str(out)]) == 0

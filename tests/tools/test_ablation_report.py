@@ -88,6 +88,7 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     assert "+wd=iwd` | 3.0700" in md and "-0.0300 t95" in md and "(2/2 lower)" in md
     assert f"{0.5 * 0.002 * 20:.3f} (wd 0.5 x Σlr {0.002 * 20:.3f})" in md
     assert "largest |difference|" in md and "0.00e+00" in md  # hg starts as standard on each seed
+    assert f"Code version(s) of the runs' attempts (git commit): `unknown` ({len(plan.runs)} runs)" in md
 
     with open(os.path.join(out, "summary.csv")) as f:
         srows = {r["config"]: r for r in csv.DictReader(f)}

@@ -215,6 +215,16 @@ def test_trim_keeps_what_the_report_needs_and_is_idempotent():
     assert [r["iteration"] for r in t if r["type"] == "valid"] == [500, 1000]
 
 
+def test_divergence_mark_is_what_the_training_prints():
+    from megatron_sv.study.runlog import DIVERGED_MARK, EXIT_DIVERGED
+    from megatron_sv.training.cli import EXIT_DIVERGED as TRAINING_EXIT_DIVERGED
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert EXIT_DIVERGED == TRAINING_EXIT_DIVERGED
+    assert f"pretrain_gpt_sv.py: {DIVERGED_MARK} at" in open(os.path.join(root, "megatron_sv", "training",
+                                                                        "loop.py")).read()
+
+
 def test_run_states_from_disk(tmp_path):
     study = study_from_json(study_dict(compare=dict(configs=["standard"], seeds=[1, 2, 3], lr=1e-3)))
     out = str(tmp_path)
