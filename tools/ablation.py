@@ -16,7 +16,8 @@ checkpoints/. A complete run (it reached its last iteration and its final evalua
 its results, in the same call. `submit` submits every run whose settings are known and not queued, plus
 one small continuation job (--dependency=afterany on them) that calls `submit` again: it submits the next
 stages once the sweep is done, and resubmits runs that stopped early (at most max_attempts times).
-A run directory holding a different command than planned is an error, before anything runs.
+A run directory holding a different command than planned is an error, before anything runs; a study
+extended with more seeds, budgets, LRs or stages reuses every run already done.
 """
 
 from __future__ import annotations
@@ -105,19 +106,21 @@ def _first_difference(old: dict, new: dict) -> str:
 
 
 def write_study(study: Study, out: str, study_path: str) -> None:
+    """Record the study in out/study.json (the report plans from it). A changed study (more seeds, budgets,
+    LRs or stages) replaces it and reuses every run already done; the replaced versions are kept in
+    `previous`. Runs whose command would change are refused by check_existing before this is called."""
     os.makedirs(out, exist_ok=True)
     p = os.path.join(out, STUDY_FILE)
-    new = dict(study=study.to_json(), source=os.path.relpath(os.path.abspath(study_path), REPO))
+    new = dict(study=study.to_json(), source=os.path.relpath(os.path.abspath(study_path), REPO), previous=[])
     if os.path.exists(p):
         with open(p) as f:
             old = json.load(f)
-        if old.get("study") != new["study"]:
-            changed = sorted(k for k in new["study"] if old.get("study", {}).get(k) != new["study"][k])
-            raise AblationError(f"{out} belongs to a different study (changed: {', '.join(changed)}); use another "
-                                "--out")
-        return
-    with open(p, "w") as f:
+        if old.get("study") == new["study"]:
+            return
+        new["previous"] = old.get("previous", []) + [old.get("study")]
+    with open(p + ".tmp", "w") as f:
         json.dump(new, f, indent=1)
+    os.replace(p + ".tmp", p)
 
 
 def _update_info(run: Run, study: Study, out: str, **attempt) -> None:

@@ -86,10 +86,12 @@ def _f(x: Optional[float], nd: int = 4, signed: bool = False) -> str:
 
 def _spread(values: Sequence[float]) -> str:
     v = [x for x in values if x is not None and math.isfinite(x)]
+    diverged = sum(1 for x in values if x is not None and math.isinf(x))
+    note = f" ({diverged} diverged, left out)" if diverged else ""
     if not v:
-        return "–"
+        return "diverged" if diverged else "–"
     sd = f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""
-    return f"{statistics.fmean(v):.4f}{sd} [{min(v):.4f}, {max(v):.4f}]"
+    return f"{statistics.fmean(v):.4f}{sd} [{min(v):.4f}, {max(v):.4f}]{note}"
 
 
 def _ci(ci: Optional[Tuple[float, float]], nd: int = 4, signed: bool = True) -> str:

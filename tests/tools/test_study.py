@@ -367,3 +367,13 @@ def test_cpu_script_dry_run_prints_the_study_commands(tmp_path):
     assert _flag(first, "--data-path") == "/d/x_text_document" and _flag(first, "--train-iters") == "800"
     assert _flag(first, "--save") == str(tmp_path / "out" / "standard_lr0.0015_it800_s1" / "checkpoints")
     assert not (tmp_path / "out").exists()
+
+
+def test_extended_study_replaces_study_json_and_keeps_the_earlier_version(tmp_path):
+    d = study_dict(compare=dict(configs=["standard"], seeds=[1], lr=1e-3))
+    out = str(tmp_path / "out")
+    ablation.write_study(study_from_json(d), out, "s.json")
+    d["compare"]["seeds"] = [1, 2]
+    ablation.write_study(study_from_json(d), out, "s.json")
+    stored = json.load(open(os.path.join(out, "study.json")))
+    assert stored["study"]["compare"]["seeds"] == [1, 2] and stored["previous"][0]["compare"]["seeds"] == [1]
