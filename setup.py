@@ -26,7 +26,8 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "safetensors"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib",
+        "wandb": ["wandb"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib", "wandb",
                 # tests: torchao's Float8Linear is the independent oracle of our FP8 linears
                 "torchao==0.18.0"],
     },

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     e.add_argument("--max-shard-size-mb", type=int, default=2048)
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer to write beside the model as Hugging Face files (a sentencepiece .model or a "
+                        "Hugging Face tokenizer directory); default: the one the checkpoint was trained with")
+    e.add_argument("--no-tokenizer", action="store_true", help="export the model without a tokenizer")
     i = sub.add_parser("import", help="Hugging Face -> megatron_sv")
     i.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
     i.add_argument("--save", required=True, help="output megatron_sv checkpoint directory")
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
     try:
         if a.command == "export":
             export_to_hf(a.load, a.save, vocab_size=a.vocab_size, overwrite=a.overwrite, dtype=a.dtype,
-                         max_shard_bytes=a.max_shard_size_mb << 20)
+                         max_shard_bytes=a.max_shard_size_mb << 20, tokenizer_model=a.tokenizer_model,
+                         with_tokenizer=not a.no_tokenizer)
         elif a.command == "import":
             import_from_hf(a.hf_dir, a.save, strategy=a.strategy or "standard", sv_overrides=_overrides(a),
                            tp=a.target_tensor_parallel_size, pp=a.target_pipeline_parallel_size,

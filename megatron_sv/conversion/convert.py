@@ -24,6 +24,7 @@ import torch
 from megatron_sv.conversion import canonical as C
 from megatron_sv.conversion import hf as H
 from megatron_sv.conversion import megatron_model as M
+from megatron_sv.conversion import tokenizer as T
 from megatron_sv.conversion.canonical import Branch, ConversionError, LayerState, NormGroup
 
 Log = Callable[[str], None]
@@ -120,7 +121,10 @@ def _export_checks(shape, sv) -> None:
 
 
 def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overwrite: bool = False,
-                 dtype: str = "float32", max_shard_bytes: int = 2 << 30, log: Log = print) -> Dict:
+                 dtype: str = "float32", max_shard_bytes: int = 2 << 30, tokenizer_model: Optional[str] = None,
+                 with_tokenizer: bool = True, log: Log = print) -> Dict:
+    """``tokenizer_model``: the tokenizer to write beside the model (default: the one the checkpoint was
+    trained with); ``with_tokenizer=False`` writes the model alone."""
     from megatron_sv.checkpointing.model_io import (load_common_state, read_checkpoint_args, shape_from_args,
                                                     sv_config_from_args)
 
@@ -129,11 +133,22 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
     shape, sv = shape_from_args(args), sv_config_from_args(args)
     _export_checks(shape, sv)
     common = load_common_state(load, iteration)
+    tokenizer = T.TokenizerSource.from_checkpoint_args(args, tokenizer_model) if with_tokenizer else None
+    hf_tokenizer = None
+    if tokenizer is not None:
+        tokenizer.check()
+        hf_tokenizer = T.load_hf_tokenizer(tokenizer)
+        if len(hf_tokenizer) > shape.vocab_size:
+            raise ConversionError(f"vocabulary mismatch: the tokenizer {tokenizer.path!r} has {len(hf_tokenizer)} "
+                                  f"tokens, the checkpoint's embedding {shape.vocab_size} rows")
     true_vocab = (vocab_size or (common.get("conversion") or {}).get("hf_vocab_size") or args.get("vocab_size")
-                  or shape.vocab_size)
+                  or (len(hf_tokenizer) if hf_tokenizer is not None else None) or shape.vocab_size)
     if true_vocab > shape.vocab_size:
         raise ConversionError(f"vocabulary mismatch: --vocab-size {true_vocab} exceeds the checkpoint's padded "
                               f"vocabulary {shape.vocab_size}")
+    if hf_tokenizer is not None and len(hf_tokenizer) > true_vocab:
+        raise ConversionError(f"vocabulary mismatch: the tokenizer has {len(hf_tokenizer)} tokens, more than the "
+                              f"exported vocabulary {true_vocab}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     custom = sv.has_inner_norms or shape.qk_layernorm or shape.post_sublayer_norm
     kind = ("MegatronSVForCausalLM (custom code, trust_remote_code)" if custom else
@@ -154,7 +169,11 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
         if shape.untie_embeddings_and_output_weights:
             w.add("lm_head.weight", weights["lm_head"][:true_vocab])
         files = w.close()
-        cfg = H.hf_config_dict(shape, true_vocab, args.get("scale_vector_strategy", "standard"), custom)
+        special = {}
+        if tokenizer is not None:
+            written = T.write_hf_tokenizer(tokenizer, stage.path)
+            special = {"bos": written["bos"], "eos": written["eos"]}
+        cfg = H.hf_config_dict(shape, true_vocab, args.get("scale_vector_strategy", "standard"), custom, **special)
         if custom:
             cfg["sv_inner_norm"] = sv.has_inner_norms
             H.copy_remote_code(stage.path)
@@ -166,8 +185,11 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
         with open(os.path.join(stage.path, "generation_config.json"), "w") as f:
             json.dump({"_from_model_config": True}, f, indent=2)
         stage.commit()
-    log(f"export: wrote {len(files)} safetensors file(s) to {out}")
-    return {"custom_code": custom, "files": files, "vocab_size": true_vocab}
+    log(f"export: wrote {len(files)} safetensors file(s) to {out}" +
+        (f" and the {tokenizer.tokenizer_type} {tokenizer.path} as a Hugging Face tokenizer" if tokenizer else
+         " (no tokenizer: " + ("--no-tokenizer)" if not with_tokenizer else "the checkpoint was trained without one)")))
+    return {"custom_code": custom, "files": files, "vocab_size": true_vocab,
+            "tokenizer": tokenizer.path if tokenizer else None}
 
 
 def _export_layer(w: H.ShardWriter, p: str, st: LayerState, shape, custom: bool) -> None:
@@ -301,17 +323,26 @@ def import_from_hf(hf_dir: str, out: str, *, strategy: str = "standard", sv_over
                           make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     conversion = {"source": os.path.abspath(hf_dir), "hf_model_type": hf.model_type, "hf_vocab_size": hf.vocab_size,
                   "function_preserving": not reasons}
+    flags = pretrain_flags(args)
+    tokenizer_files = T.hf_tokenizer_files(hf_dir)
+    if tokenizer_files:  # the flags name the final location; the files are copied into the staging directory
+        flags += (f" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
+                  f"{os.path.join(os.path.abspath(out), T.IMPORTED_TOKENIZER_DIR)}")
     with _Staging(out) as stage:
         M.save_model_checkpoint(stage.path, 0, model, {"args": args, "consumed_train_samples": 0,
                                                        "conversion": conversion})
+        if tokenizer_files:
+            T.copy_hf_tokenizer(hf_dir, tokenizer_files, stage.path)
         with open(os.path.join(stage.path, "model_flags.txt"), "w") as f:
-            f.write(pretrain_flags(args) + "\n")
+            f.write(flags + "\n")
         stage.commit()
-    flags = pretrain_flags(args)
+    tokenizer_note = (f"the tokenizer is in {os.path.join(out, T.IMPORTED_TOKENIZER_DIR)}" if tokenizer_files else
+                      f"{hf_dir} has no tokenizer files: a tokenizer with {hf.vocab_size} tokens and "
+                      f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} pads to the same {padded}")
     log(f"import: saved iteration 0 to {out}; train from it with pretrain_gpt_sv.py --load {out} --finetune "
-        f"and the model flags\n  {flags}\n(a tokenizer with {hf.vocab_size} tokens and "
-        f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} pads to the same {padded})")
-    return {"padded_vocab_size": padded, "function_preserving": not reasons, "flags": flags}
+        f"and the model flags\n  {flags}\n({tokenizer_note})")
+    return {"padded_vocab_size": padded, "function_preserving": not reasons, "flags": flags,
+            "tokenizer_dir": os.path.join(out, T.IMPORTED_TOKENIZER_DIR) if tokenizer_files else None}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ vocabulary). Every problem raises ``ArgumentError`` with a message that names th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: none)")
     g.add_argument("--no-scale-vector-stats", action="store_true",
                    help="skip the per-vector TensorBoard statistics")
+    g.add_argument("--wandb-project", default=None,
+                   help="log the TensorBoard scalars to this Weights & Biases project too (needs the package "
+                        "wandb: pip install -e .[wandb]; WANDB_MODE=offline keeps the run local; default: no wandb)")
+    g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb chooses one)")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="where wandb writes its files (default: SAVE/wandb with --save, else ./wandb)")
     # test-only: poison the loss at this iteration to exercise the NaN guard
     g.add_argument("--inject-nan-at-iteration", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -494,6 +501,13 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if parse_split(args.split)[1] == 0:
             _fail(f"--eval-iters {args.eval_iters} needs a validation share in --split {args.split!r} "
                   "(or --eval-iters 0)")
+
+    # experiment tracking
+    if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:
+        _fail("--wandb-exp-name/--wandb-save-dir need --wandb-project")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:  # found without importing it
+        _fail("--wandb-project needs the package 'wandb', which is not installed (pip install wandb, or "
+              "pip install -e .[wandb])")
 
     # checkpoints
     if args.save_interval is not None and args.save_interval <= 0:

@@ -82,9 +82,10 @@ class Trainer:
         self.rank = torch.distributed.get_rank()
         self.ps = ps
         self.start_time = getattr(args, "_start_time", time.time())
-        from megatron_sv.training.metrics import MetricsWriter
+        from megatron_sv.training.metrics import MetricsWriter, wandb_config_from_args
 
-        self.out = MetricsWriter(self.rank, args.tensorboard_dir, args.metrics_file)
+        self.out = MetricsWriter(self.rank, args.tensorboard_dir, args.metrics_file,
+                                 wandb_config_from_args(args, args_for_checkpoint(args)))
         self.iteration = 0
         self.consumed_samples = 0
         self.async_queue = None
@@ -405,7 +406,8 @@ class Trainer:
                 self.async_queue.maybe_finalize_async_calls(blocking=True)
             self.out.print(f"done: iteration {self.iteration}, {time.time() - self.start_time:.1f} s"
                            + (f"; checkpoints in {a.save}" if a.save else "")
-                           + (f"; TensorBoard logs in {a.tensorboard_dir}" if a.tensorboard_dir else ""))
+                           + (f"; TensorBoard logs in {a.tensorboard_dir}" if a.tensorboard_dir else "")
+                           + (f"; wandb run in {self.out.wandb.dir}" if self.out.wandb is not None else ""))
             return EXIT_OK
         finally:
             if handler is not None:

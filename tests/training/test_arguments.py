@@ -180,3 +180,17 @@ def test_every_flag_has_help_with_its_default():
             continue
         text = formatter._get_help_string(action)
         assert "default" in text, f"{action.option_strings[0]}: help does not state the default"
+
+
+def test_wandb_flags():
+    with pytest.raises(ArgumentError, match="--wandb-exp-name/--wandb-save-dir need --wandb-project"):
+        _validate(["--wandb-exp-name", "x"])
+    # where wandb is not installed: one line naming the package, before any work. `python -S` leaves
+    # site-packages off the path, a real environment without wandb (the validation needs only the stdlib).
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from megatron_sv.training import cli; "
+            "sys.exit(cli.main(sys.argv[2:]))")
+    from tests.training.cli import ROOT
+
+    r = subprocess.run([sys.executable, "-S", "-c", code, ROOT, *BASE, "--train-iters", "2", "--wandb-project", "p"],
+                       capture_output=True, text=True, timeout=60, env={"WORLD_SIZE": "1", "PATH": os.environ["PATH"]})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the package 'wandb'" in r.stderr, r.stderr

@@ -102,13 +102,14 @@ def test_nan_stops_with_iteration_and_keeps_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(ckpt, "iter_0000003"))
 
 
-def test_validation_and_tensorboard(tmp_path):
-    tb = tmp_path / "tb"
+def test_validation_tensorboard_and_wandb(tmp_path):
+    tb, wb = tmp_path / "tb", str(tmp_path / "wandb")
     metrics = str(tmp_path / "m.jsonl")
     r = check(run([x for x in TINY if x not in ("--no-scale-vector-stats",)]
                   + ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
                      "--tensorboard-dir", str(tb), "--metrics-file", metrics,
-                     "--pipeline-model-parallel-size", "2"]))
+                     "--wandb-project", "sv-test", "--wandb-exp-name", "e2e", "--wandb-save-dir", wb,
+                     "--pipeline-model-parallel-size", "2"], extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
     assert sorted(read_metrics(metrics, "valid")) == [2, 4]
     assert "validation at iteration 2" in r.stdout and "tokens/s" in r.stdout
     assert "scale vectors (Input-Norm)" in r.stdout  # the param-group table
@@ -121,6 +122,19 @@ def test_validation_and_tensorboard(tmp_path):
     # statistics from both pipeline stages, with global layer numbers
     assert any(t.startswith("scale_vectors/layer0/") for t in tags), sorted(tags)[:20]
     assert any(t.startswith("scale_vectors/layer1/") for t in tags), sorted(tags)[:20]
+    # the same scalars in the offline wandb run, at the same iterations
+    from tests.helpers.wandb_records import offline_runs, read_run
+
+    runs = offline_runs(wb)
+    assert len(runs) == 1, runs
+    run_ = read_run(runs[0])
+    assert run_["project"] == "sv-test" and run_["name"] == "e2e" and run_["config"]["train_iters"] == 4
+    for tag in ("train/loss", "validation/loss"):
+        tb_values = {e.step: e.value for e in acc.Scalars(tag)}
+        wb_values = {step: row[tag] for step, row in run_["history"].items() if tag in row}
+        assert wb_values.keys() == tb_values.keys() and tb_values, (tag, wb_values, tb_values)
+        assert all(abs(wb_values[s] - tb_values[s]) <= 1e-6 * abs(tb_values[s]) for s in tb_values)  # TB: float32
+    assert any(k.startswith("scale_vectors/layer1/") for k in run_["history"][4])
 
 
 def test_distributed_optimizer_resume_and_reshard(tmp_path):

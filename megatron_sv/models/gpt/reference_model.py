@@ -28,7 +28,6 @@ def reference_config(
     expert_model_parallel_size: int = 1,
     num_moe_experts: Optional[int] = None,
     moe_router_topk: int = 2,
-    moe_grouped_gemm: bool = False,
     params_dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> TransformerConfig:
@@ -69,7 +68,6 @@ def reference_config(
         kwargs.update(
             num_moe_experts=num_moe_experts,
             moe_router_topk=moe_router_topk,
-            moe_grouped_gemm=moe_grouped_gemm,
             moe_token_dispatcher_type="allgather",
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=0.0,

@@ -12,7 +12,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -30,21 +30,19 @@ from megatron_sv.models.gpt.seeding import SeededTransformerLayer
 from megatron_sv.platform.attention import SDPACoreAttention
 
 
-def get_reference_mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
-    """Dense MLP, or an MoE layer with local experts (SequentialMLP, or GroupedMLP which needs
-    the grouped_gemm package). The token dispatcher comes from config.moe_token_dispatcher_type."""
+def get_reference_mlp_spec(num_experts: Optional[int] = None) -> ModuleSpec:
+    """Dense MLP, or an MoE layer with local experts (SequentialMLP: the one local expert module that every
+    supported megatron-core has; GroupedMLP was removed in 0.19). The token dispatcher comes from
+    config.moe_token_dispatcher_type."""
     if num_experts is None:
         return ModuleSpec(
             module=MLP,
             submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         )
-    if moe_grouped_gemm:
-        experts = ModuleSpec(module=GroupedMLP)
-    else:
-        experts = ModuleSpec(
-            module=SequentialMLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        )
+    experts = ModuleSpec(
+        module=SequentialMLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(experts=experts, shared_experts=None),
@@ -54,7 +52,6 @@ def get_reference_mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: 
 
 def get_reference_layer_spec(
     num_experts: Optional[int] = None,
-    moe_grouped_gemm: bool = False,
     qk_layernorm: bool = False,
     init_seed: Optional[int] = None,
 ) -> ModuleSpec:
@@ -78,7 +75,7 @@ def get_reference_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=SPNorm,
-            mlp=get_reference_mlp_spec(num_experts, moe_grouped_gemm),
+            mlp=get_reference_mlp_spec(num_experts),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -93,11 +90,10 @@ def get_reference_block_spec(
 ) -> TransformerBlockSubmodules:
     """The decoder block for this pipeline stage: its layers plus our final norm (TransformerBlock
     would otherwise take the final norm from a module global). MoE when config.num_moe_experts
-    is set, with config.moe_grouped_gemm choosing GroupedMLP. ``init_seed``: see
+    is set. ``init_seed``: see
     SeededTransformerLayer."""
     layer = get_reference_layer_spec(
         num_experts=config.num_moe_experts,
-        moe_grouped_gemm=bool(config.moe_grouped_gemm),
         qk_layernorm=qk_layernorm,
         init_seed=init_seed,
     )
