@@ -8,6 +8,11 @@ if ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
+# DNP's fused inner norms run through torch.compile by default. Compiling costs start-up time in every
+# process that builds a DNP model, so the suite runs their eager kernels (the same math) unless a test
+# asks for compiled ones (tests/scale_vectors/test_inner_norms.py checks that both agree).
+os.environ.setdefault("MEGATRON_SV_FUSED_KERNELS", "eager")
+
 
 @pytest.fixture(scope="session")
 def megatron_single_rank():

@@ -21,7 +21,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from .config import ScaleVectorConfig
 from .folding import FoldLayout, fold_into_weight, recompute_saved_weight
-from .norms import ScaledNorm, scaled_inner_norm
+from .inner_norms import norm_swiglu, scaled_inner_norm
+from .norms import ScaledNorm
 from .training_hooks import parameters_generation
 from .vector import ScaleVector, VectorSpec
 
@@ -123,7 +124,7 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
     # -- DNP inner norms --------------------------------------------------------------------------
     def _inner_norm_and_scale(self, out: torch.Tensor) -> torch.Tensor:
         """u_b * N_b on the inner-norm branches, in one call over the whole fused output (no split and
-        re-join, so the result is the tensor the next op keeps; see norms.scaled_inner_norm)."""
+        re-join, so the result is the tensor the next op keeps; see inner_norms.scaled_inner_norm)."""
         lay = self.layout
         y = out.view(*out.shape[:-1], lay.groups, lay.slots, lay.rows)
         u_parts, active = [], []
@@ -143,8 +144,18 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
                                   group=self.tp_group, active=mask)
         return z.view(out.shape)
 
+    def inner_norm_swiglu(self, out: torch.Tensor) -> torch.Tensor:
+        """silu(u_gate N(gate)) * u_up N(up) of this layer's output taken with ``apply_inner_norm=False``:
+        DNP's gate/up norm and SwiGLU in one fused op (see inner_norms.norm_swiglu)."""
+        if self.branch_layout != "gated_fc1" or self.inner_norm_branches != ("gate", "up"):
+            raise ValueError("inner_norm_swiglu needs a gated linear_fc1 with DNP's inner norms")
+        return norm_swiglu(out, self.output_scales["gate"](), self.output_scales["up"](), self.norm_kind,
+                           self.norm_eps, full_width=self.layout.rows * self.tp_size, group=self.tp_group)
+
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None):
+                runtime_gather_output: Optional[bool] = None, apply_inner_norm: bool = True):
+        """Megatron's (output, bias); ``apply_inner_norm=False`` leaves DNP's inner norms to the caller
+        (the MLP fuses gate/up's with SwiGLU)."""
         if weight is not None:
             raise ValueError("ScaledColumnParallelLinear folds its own weight; do not pass one")
         if runtime_gather_output:
@@ -158,7 +169,7 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             else:
                 with recompute_saved_weight(w_eff, self._refold):
                     out, bias = super().forward(input_, weight=w_eff)
-        if self.inner_norm_branches:
+        if self.inner_norm_branches and apply_inner_norm:
             out = self._inner_norm_and_scale(out)
         return out, bias
 

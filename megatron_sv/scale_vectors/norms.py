@@ -45,14 +45,14 @@ def check_norm_kind(kind: str) -> str:
     return kind
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 for norm statistics (bf16/fp16 are upcast; fp64 stays fp64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def normalize(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     """N(x) over the last dimension, computed in >= fp32 for stability, returned in x's dtype."""
-    xf = _upcast(x)
+    xf = upcast(x)
     if kind == "RMSNorm":
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     else:
@@ -117,91 +117,3 @@ class ScaledNorm(torch.nn.Module):
             out.update(make_sharded_tensors_for_checkpoint(
                 {"bias": self.bias}, prefix, {}, sharded_offsets, tp_group=self.tp_group, **kwargs))
         return out
-
-
-_MIN_SCALE_FOR_OUTPUT_RECOMPUTE = 1e-2
-
-
-class _ScaledInnerNorm(torch.autograd.Function):
-    """z = u * N(x) over the last dimension (optionally sharded over ``group``), memory-lean.
-
-    Autograd on the plain formula would keep several full-size intermediates (fp32 copy, squares,
-    normalized values) alive until backward; this saves only its output (which the next op keeps
-    anyway), u and the per-row statistics, and recomputes N(x) = z / u in backward, which keeps DNP's
-    activation memory at `standard`'s.
-    """
-
-    @staticmethod
-    def _stats(xf, kind, eps, width, group):
-        if kind == "RMSNorm":
-            sums = xf.square().sum(-1, keepdim=True)
-            if group is not None:
-                dist.all_reduce(sums, group=group)
-            return None, torch.rsqrt(sums / width + eps)
-        sums = torch.cat([xf.sum(-1, keepdim=True), xf.square().sum(-1, keepdim=True)], dim=-1)
-        if group is not None:
-            dist.all_reduce(sums, group=group)
-        mean, meansq = sums[..., :1] / width, sums[..., 1:] / width
-        return mean, torch.rsqrt((meansq - mean.square()).clamp_min(0.0) + eps)
-
-    @staticmethod
-    def forward(ctx, x, u, kind, eps, width, group, active):
-        xf = _upcast(x)
-        mean, rstd = _ScaledInnerNorm._stats(xf, kind, eps, width, group)
-        if active is not None:  # rows of inactive slots pass through unchanged (N = identity)
-            rstd = torch.where(active, rstd, torch.ones_like(rstd))
-            if mean is not None:
-                mean = torch.where(active, mean, torch.zeros_like(mean))
-        n = (xf - mean) * rstd if mean is not None else xf * rstd
-        z = (n * _upcast(u)).to(x.dtype)
-        ctx.kind, ctx.width, ctx.group, ctx.active = kind, width, group, active
-        # The consumer (SwiGLU) keeps z for its own backward, so saving z costs no memory while saving x
-        # would keep a second activation of this size. N(x) = z / u is exact enough unless some u_j is
-        # tiny; then fall back to saving x.
-        ctx.from_output = bool((u.detach().abs() >= _MIN_SCALE_FOR_OUTPUT_RECOMPUTE).all())
-        ctx.save_for_backward(z if ctx.from_output else x, u,
-                              mean if mean is not None else rstd.new_empty(0), rstd)
-        return z
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        saved, u, mean, rstd = ctx.saved_tensors
-        gz, uf = _upcast(grad_z), _upcast(u)
-        if ctx.from_output:
-            n = _upcast(saved) / uf
-        else:
-            xf = _upcast(saved)
-            n = (xf - mean) * rstd if mean.numel() else xf * rstd
-        grad_u = None
-        if ctx.needs_input_grad[1]:
-            grad_u = (gz * n).reshape(-1, *u.shape).sum(0).to(u.dtype) if u.dim() else (gz * n).sum()
-        gn = gz * uf
-        keep = ctx.active.to(gn.dtype) if ctx.active is not None else 1.0  # inactive rows: grad_x = gn
-        if ctx.kind == "RMSNorm":
-            dot = (gn * n).sum(-1, keepdim=True)
-            if ctx.group is not None:
-                dist.all_reduce(dot, group=ctx.group)
-            grad_x = rstd * (gn - n * (keep * dot / ctx.width))
-        else:
-            sums = torch.cat([gn.sum(-1, keepdim=True), (gn * n).sum(-1, keepdim=True)], dim=-1)
-            if ctx.group is not None:
-                dist.all_reduce(sums, group=ctx.group)
-            sums = keep * sums / ctx.width
-            grad_x = rstd * (gn - sums[..., :1] - n * sums[..., 1:])
-        return grad_x.to(grad_z.dtype), grad_u, None, None, None, None, None
-
-
-def scaled_inner_norm(x: torch.Tensor, u: torch.Tensor, kind: str, eps: float, full_width: Optional[int] = None,
-                      group: Optional[dist.ProcessGroup] = None,
-                      active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """u * N(x) with N over the last dimension; ``u`` broadcasts against x's trailing dimensions.
-
-    With ``group`` the last dimension is a shard of a row of global width ``full_width`` and the row
-    statistics are all-reduced, so the result does not depend on the TP degree. ``active`` (bool,
-    broadcastable to x's shape with a last dimension of 1) marks the rows that are normalized; the others
-    pass through as u * x, so a fused projection is handled in one call without splitting and re-joining.
-    """
-    if group is not None and dist.get_world_size(group) == 1:
-        group = None
-    width = full_width if full_width is not None else x.shape[-1]
-    return _ScaledInnerNorm.apply(x, u, kind, eps, width, group, active)

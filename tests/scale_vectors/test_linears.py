@@ -95,7 +95,7 @@ def test_qkv_needs_divisible_query_groups(megatron_single_rank):
 
 @pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
 def test_scaled_inner_norm_matches_autograd_formula(kind):
-    from megatron_sv.scale_vectors.norms import scaled_inner_norm
+    from megatron_sv.scale_vectors.inner_norms import scaled_inner_norm
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -112,7 +112,7 @@ def test_scaled_inner_norm_matches_autograd_formula(kind):
 
 @pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
 def test_scaled_inner_norm_with_tiny_scale_falls_back_to_input(kind):
-    from megatron_sv.scale_vectors.norms import scaled_inner_norm
+    from megatron_sv.scale_vectors.inner_norms import scaled_inner_norm
 
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -6,6 +6,7 @@ slot of Megatron's TransformerLayer, for a given ``ScaleVectorConfig``:
   input_layernorm / pre_mlp_layernorm   ScaledNorm, with the shared gamma unless vectors are per branch
   linear_qkv / linear_fc1 (+ experts)   ScaledColumnParallelLinear (HG gamma_b, DP/DNP u_b, DNP N_b)
   linear_proj / linear_fc2 (+ experts)  RowParallelLinear (optionally followed by a post-sub-layer norm)
+  mlp                                   InnerNormSwiGLUMLP under DNP (gate/up norm fused with SwiGLU)
   (with LayerOptions.fp8 every linear above is its FP8 version, megatron_sv/fp8/layers.py)
   q/k_layernorm                         optional QK-norm (an Output-Norm)
   linear_proj / linear_fc2              optional post-sub-layer norm (Gemma / Peri-LN Output-Norm)
@@ -42,6 +43,7 @@ from megatron_sv.scale_vectors.linears import (
     apply_post_norm,
     make_post_norm,
 )
+from megatron_sv.scale_vectors.mlp import InnerNormSwiGLUMLP
 from megatron_sv.scale_vectors.norms import ScaledNorm
 from megatron_sv.scale_vectors.router import ScaledTopKRouter
 
@@ -119,7 +121,9 @@ class PostNormMoELayer(MoELayer):
 
 def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
     if not opts.num_experts:
-        return ModuleSpec(module=MLP, submodules=_mlp_submodules(sv, opts, expert=False))
+        # Under DNP the gate/up inner norm and SwiGLU run as one fused op (Megatron's experts build plain MLPs).
+        mlp = InnerNormSwiGLUMLP if sv.has_inner_norms else MLP
+        return ModuleSpec(module=mlp, submodules=_mlp_submodules(sv, opts, expert=False))
     experts = ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(sv, opts, expert=True))
     submodules = MoESubmodules(experts=experts, shared_experts=None,
                                router=partial(ScaledTopKRouter, sv=sv))
