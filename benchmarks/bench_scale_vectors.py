@@ -1,224 +1,352 @@
 """Step time and peak memory of each scale-vector strategy relative to `standard`, side by side.
 
-Not a test. All strategies are built in one process and timed in interleaved rounds (round-robin, so
-drift affects all alike); the reported time ratio is the median over rounds of strategy/standard.
-Peak memory: on GPU, torch.cuda.max_memory_allocated per strategy. On CPU (no allocator statistics) the
-training-step footprint is counted exactly: parameters + gradients + Adam state + the tensors autograd
-keeps for backward at the end of a micro-batch's forward (unique storages, via saved-tensor hooks), which
-is where a step's memory peaks; transient workspace inside single ops is not counted.
+Not a test. The protocol (production-like shapes): hidden 1024, seq 2048 per micro-batch, 4 micro-batches
+per step per rank; fp32 and bf16 mixed precision, each with the distributed optimizer; 1 rank and 2 ranks
+(DP2, gloo); >= 10 interleaved rounds. Each strategy is built and stepped by the training loop's own code
+(``Trainer.build_model`` / ``build_optimizer`` / ``train_step`` with flags parsed and validated by the CLI
+parser), so the benchmark measures what ``pretrain_gpt_sv.py`` runs. ``megatron-ref`` is the same loop
+with Megatron-Core's own local layers (with an SP-capable norm and SDPA attention) in place of our specs.
 
-    python benchmarks/bench_scale_vectors.py                      # CPU defaults (d=1024, 4 micro-batches)
-    python benchmarks/bench_scale_vectors.py --strategies standard unified --rounds 5
+Per setting (precision x ranks) all strategies live in one world of processes and are stepped round-robin,
+the order rotating every round, so drift affects all alike. Reported: the median over rounds of
+time(strategy) / time(standard) with a bootstrap 95% interval (rounds resampled), and peak memory.
+Peak memory on GPU: torch.cuda.max_memory_allocated. On CPU (no allocator statistics) it is counted
+exactly from tensors: every tensor storage alive after a training step that was not alive before the
+strategy was built (parameters, DDP gradient buffers, optimizer state and any cached fold), plus the
+storages autograd holds for backward at the end of one micro-batch's forward, where a step peaks.
+
+    python benchmarks/bench_scale_vectors.py --out docs/results/overhead           # key set, full protocol
+    python benchmarks/bench_scale_vectors.py --precisions bf16 --ranks 1 --rounds 10  # one setting
+    python benchmarks/bench_scale_vectors.py --strategies all --precisions fp32 --ranks 1
+    python benchmarks/bench_scale_vectors.py --quick                               # tiny shapes, checks the tool
+
+Time on the 2-core CPU at the protocol shapes: each setting takes about (strategies x (rounds + warmup + 1)
+x step time); see the estimate printed after warm-up. Key set, one precision, one rank count, 10 rounds:
+about 15-20 minutes. Results: ``--out PREFIX`` writes PREFIX.json and PREFIX.md (a Markdown table).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import random
+import socket
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ALL = ["none", "standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]
-# Megatron-Core's own local layers (with an SP-capable norm and SDPA attention): the baseline that
-# `standard` on our specs is compared with (target: >= 0.98x its speed).
+from megatron_sv.training.loop import Trainer  # noqa: E402
+
+KEY_SET = ["standard", "hg", "dnp", "unified", "megatron-ref"]
+ALL = ["standard", "none", "hg", "dp", "dnp", "or", "er", "iwd", "unified", "megatron-ref"]
+# Megatron-Core's own local layers: `standard` on our specs should be >= 0.98x its speed.
 MEGATRON_REFERENCE = "megatron-ref"
+# targets of the method's cost, as ratios to `standard` (time, peak memory)
+TIME_TARGET = {"dnp": 1.04, "unified": 1.04}
+TIME_TARGET_DEFAULT = 1.01
+MEM_TARGET = 1.01
+BOOTSTRAP_SAMPLES = 2000
+
+PROTOCOL = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
+                ffn_hidden_size=2816, vocab_size=8192, seq_length=2048, micro_batch_size=1,
+                num_microbatches=4, rounds=10, warmup=2)
+QUICK = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
+             vocab_size=256, seq_length=64, micro_batch_size=2, num_microbatches=4, rounds=3, warmup=1)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategies", nargs="+", default=ALL + [MEGATRON_REFERENCE],
-                   help=f"strategies to compare with standard; {MEGATRON_REFERENCE} = Megatron-Core's local spec")
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=1024)
-    p.add_argument("--num-attention-heads", type=int, default=16)
-    p.add_argument("--num-query-groups", type=int, default=4)
-    p.add_argument("--ffn-hidden-size", type=int, default=2816)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--num-microbatches", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fold-once-per-step", action="store_true",
-                   help="also time each folding strategy with --sv-fold-once-per-step (suffix '+step')")
-    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--strategies", nargs="+", default=KEY_SET,
+                   help=f"strategies (standard is always included); 'all' = {' '.join(ALL)}; "
+                        f"{MEGATRON_REFERENCE} = Megatron-Core's local spec")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], choices=[1, 2],
+                   help="world sizes: 1 rank, or 2 ranks as DP2 (gloo on CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: checks the tool, "
+                   "not the protocol")
+    for k, v in PROTOCOL.items():
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} ({QUICK[k]} "
+                       "with --quick)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="CPU threads per setting, split evenly over its ranks")
+    p.add_argument("--cli-flags", default="", help="extra pretrain_gpt_sv.py flags for every strategy "
+                   "(one string), e.g. '--sv-fold-once-per-step'")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--json", help="also write the results here")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="write PREFIX.json and PREFIX.md")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else PROTOCOL
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    strategies = ALL if args.strategies == ["all"] else args.strategies
+    unknown = [s for s in strategies if s not in ALL]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {ALL} or 'all'")
+    args.strategies = list(dict.fromkeys(["standard"] + strategies))
+    if args.rounds < 2:
+        p.error("--rounds must be >= 2 (a median ratio with an interval needs rounds)")
+    return args
 
 
-def _init():
-    if torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    from megatron_sv.platform import initialize_distributed
+# -- one world (precision x ranks), run in spawned processes ----------------------------------------------
+def cli_flags(opts, strategy: str, precision: str, world_size: int):
+    """The pretrain_gpt_sv.py flags of one strategy in one setting."""
+    flags = [
+        "--num-layers", opts["num_layers"], "--hidden-size", opts["hidden_size"],
+        "--num-attention-heads", opts["num_attention_heads"], "--group-query-attention",
+        "--num-query-groups", opts["num_query_groups"], "--ffn-hidden-size", opts["ffn_hidden_size"],
+        "--seq-length", opts["seq_length"], "--max-position-embeddings", opts["seq_length"],
+        "--swiglu", "--untie-embeddings-and-output-weights",
+        "--micro-batch-size", opts["micro_batch_size"],
+        "--global-batch-size", opts["micro_batch_size"] * opts["num_microbatches"] * world_size,
+        "--lr", "1e-4", "--train-iters", "1000000", "--mock-data", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", opts["vocab_size"], "--use-distributed-optimizer", "--no-scale-vector-stats",
+        "--eval-iters", "0", "--seed", "1234",
+        "--scale-vector-strategy", "standard" if strategy == MEGATRON_REFERENCE else strategy,
+    ]
+    if precision == "bf16":
+        flags.append("--bf16")
+    return [str(f) for f in flags] + opts["cli_flags"].split()
 
-    initialize_distributed(seed=1234)
 
+def _trainer(opts, strategy, precision, world_size):
+    from megatron_sv.training.arguments import padded_vocab_size, parse_args as cli_parse, validate_args
+    from megatron_sv.training.data import build_tokenizer_from_args
 
-def _build(args, strategy):
-    from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
-    from megatron_sv.scale_vectors.config import strategy_config
-
-    shape = GPTShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                     num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                     ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size,
-                     seq_length=args.seq_length)
+    args = validate_args(cli_parse(cli_flags(opts, strategy, precision, world_size)), world_size)
+    tokenizer = build_tokenizer_from_args(args)
+    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
+    trainer = (ReferenceTrainer if strategy == MEGATRON_REFERENCE else Trainer)(args, tokenizer)
     torch.manual_seed(1234)
-    if strategy == MEGATRON_REFERENCE:
-        from megatron_sv.models.gpt.reference_model import build_reference_gpt, reference_config
-
-        cfg = reference_config(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                               num_attention_heads=args.num_attention_heads,
-                               num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
-                               params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                               bf16=args.bf16)
-        model = build_reference_gpt(cfg, vocab_size=args.vocab_size, max_sequence_length=args.seq_length)
-    else:
-        cfg = transformer_config(shape, ParallelLayout(bf16=args.bf16))
-        name, _, mode = strategy.partition("+")
-        model = build_gpt_model(shape, strategy_config(name, fold_once_per_step=(mode == "step")), cfg)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, opt
+    trainer.build_model()
+    trainer.build_optimizer()
+    return trainer
 
 
-def _batches(args):
-    g = torch.Generator().manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+class ReferenceTrainer(Trainer):
+    """The training loop with Megatron-Core's own local layers instead of our specs."""
+
+    def build_gpt(self, shape):
+        from megatron_sv.models.gpt.reference_model import build_reference_gpt
+
+        return build_reference_gpt(self.config, vocab_size=shape.vocab_size,
+                                   max_sequence_length=shape.max_position_embeddings or shape.seq_length,
+                                   rotary_base=shape.rotary_base)
+
+
+def _batches(opts, device):
+    g = torch.Generator().manual_seed(0 + torch.distributed.get_rank())
+    mbs, seq = opts["micro_batch_size"], opts["seq_length"]
     out = []
-    for _ in range(args.num_microbatches):
-        t = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g).to(dev)
-        out.append((t[:, :-1], t[:, 1:]))
+    for _ in range(opts["num_microbatches"]):
+        t = torch.randint(0, opts["vocab_size"], (mbs, seq + 1), generator=g)
+        out.append({k: v.to(device) for k, v in dict(
+            tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(mbs, seq),
+            position_ids=torch.arange(seq).expand(mbs, seq).contiguous()).items()})
     return out
-
-
-def _step(model, opt, batches):
-    from megatron_sv.scale_vectors.linears import flush_step_folds
-
-    pos = torch.arange(batches[0][0].shape[1], device=batches[0][0].device)[None]
-    opt.zero_grad(set_to_none=True)
-    for tokens, labels in batches:
-        loss = model(tokens, pos, None, labels=labels).float().mean() / len(batches)
-        loss.backward()
-    flush_step_folds([model])  # no-op unless folding once per step
-    opt.step()
 
 
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    torch.distributed.barrier()
 
 
-def measure_memory_here(args, strategy) -> float:
-    """Peak bytes above the pre-step baseline for one strategy (GPU allocator or process RSS)."""
-    model, opt = _build(args, strategy)
-    batches = _batches(args)
-    if torch.cuda.is_available():
-        _step(model, opt, batches)  # optimizer state exists from here on
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        _step(model, opt, batches)
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated())
-    _step(model, opt, batches)
-    static = 0
-    for p in model.parameters():
-        static += p.numel() * p.element_size()  # parameter
-        static += p.numel() * p.element_size()  # gradient
-        static += sum(v.numel() * v.element_size() for v in opt.state[p].values() if torch.is_tensor(v))
-    for m in model.modules():  # fold once per step: the folded leaf and its accumulated gradient
-        leaf = getattr(m, "_step_fold", None)
-        if leaf is not None:
-            static += 2 * leaf.numel() * leaf.element_size()
-    return float(static + saved_for_backward_bytes(model, batches[0]))
+def _live_storages():
+    """{data_ptr: nbytes} of every tensor storage reachable from Python objects."""
+    out = {}
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.device.type != "meta":
+                st = o.untyped_storage()
+                out[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001 - some tensor subclasses refuse storage access
+            continue
+    return out
 
 
-def saved_for_backward_bytes(model, batch) -> int:
-    """Bytes of distinct storages autograd holds for backward after one micro-batch's forward."""
+def _saved_for_backward_bytes(trainer, batch) -> int:
+    """Bytes of distinct non-parameter storages autograd holds after one micro-batch's forward."""
     storages = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+        if isinstance(t, torch.Tensor):
             st = t.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()
         return t
 
-    tokens, labels = batch
-    pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(tokens, pos, None, labels=labels).float().mean()
-    loss.backward()
+        out = trainer.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    out.float().mean().backward()
     return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def measure_memory(opts, strategy, precision, world_size, batches) -> dict:
+    """Peak bytes of a training step of one strategy (GPU allocator, or exact tensor accounting on CPU)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        trainer = _trainer(opts, strategy, precision, world_size)
+        trainer.train_step(batches)  # optimizer state exists from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train_step(batches)
+        torch.cuda.synchronize()
+        return dict(peak=float(torch.cuda.max_memory_allocated()))
+    before = _live_storages()
+    trainer = _trainer(opts, strategy, precision, world_size)
+    trainer.train_step(batches)
+    gc.collect()
+    static = sum(n for ptr, n in _live_storages().items() if ptr not in before)
+    saved = _saved_for_backward_bytes(trainer, batches[0])
+    del trainer
+    gc.collect()
+    return dict(peak=float(static + saved), static=float(static), saved_for_backward=float(saved))
+
+
+def _world_main(rank, world_size, port, opts, precision, result_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, opts["threads"] // world_size))
+    from megatron_sv.platform import current_device, destroy_distributed, initialize_distributed
+    from megatron_sv.scale_vectors.stats import parameter_report
+
+    initialize_distributed(seed=1234)
+    try:
+        strategies = opts["strategies"]
+        device = current_device()
+        batches = _batches(opts, device)
+        trainers = {s: _trainer(opts, s, precision, world_size) for s in strategies}
+        sv_params = {s: parameter_report([t.model.module]).scale_vector_params for s, t in trainers.items()}
+        for _ in range(opts["warmup"]):  # the last warm-up round estimates a round's time
+            t_warm = time.perf_counter()
+            for s in strategies:
+                trainers[s].train_step(batches)
+        per_round = time.perf_counter() - t_warm
+        if rank == 0:
+            print(f"  warm-up done; about {per_round * opts['rounds'] / 60:.1f} min of timed rounds follow",
+                  flush=True)
+        times = {s: [] for s in strategies}
+        for r in range(opts["rounds"]):
+            order = strategies[r % len(strategies):] + strategies[:r % len(strategies)]
+            for s in order:
+                _sync()
+                t0 = time.perf_counter()
+                trainers[s].train_step(batches)
+                _sync()
+                times[s].append(time.perf_counter() - t0)
+            if rank == 0:
+                print(f"  round {r + 1}/{opts['rounds']}: "
+                      + ", ".join(f"{s} {times[s][-1] * 1e3:.0f} ms" for s in strategies), flush=True)
+        del trainers
+        memory = {}
+        if not opts["skip_memory"]:
+            for s in strategies:
+                memory[s] = measure_memory(opts, s, precision, world_size, batches)
+        if rank == 0:
+            with open(result_path, "w") as f:
+                json.dump(dict(times=times, memory=memory, sv_params=sv_params), f)
+    finally:
+        destroy_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_setting(opts, precision: str, world_size: int) -> dict:
+    """All strategies of one setting in a fresh world of ``world_size`` processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        mp.spawn(_world_main, args=(world_size, _free_port(), opts, precision, path), nprocs=world_size,
+                 join=True)
+        with open(path) as f:
+            return json.load(f)
+
+
+# -- statistics and report ---------------------------------------------------------------------------------
+def median_ratio_ci(times, base, samples=BOOTSTRAP_SAMPLES, seed=0):
+    """Median over rounds of times/base, and a bootstrap 95% interval (rounds resampled)."""
+    ratios = [t / b for t, b in zip(times, base)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(samples))
+    return statistics.median(ratios), meds[int(0.025 * samples)], meds[int(0.975 * samples) - 1]
+
+
+def summarize(raw: dict, precision: str, world_size: int) -> list:
+    rows = []
+    base_t, mem = raw["times"]["standard"], raw["memory"]
+    for s, ts in raw["times"].items():
+        med, lo, hi = median_ratio_ci(ts, base_t)
+        mem_ratio = mem[s]["peak"] / mem["standard"]["peak"] if mem else None
+        if s == MEGATRON_REFERENCE:  # standard must run at >= 0.98x the reference's speed
+            target = f"standard >= 0.98x its speed: {'yes' if med >= 0.98 else 'no'}"
+        elif s == "standard":
+            target = ""
+        else:
+            tt = TIME_TARGET.get(s, TIME_TARGET_DEFAULT)
+            ok = med <= tt and (mem_ratio is None or mem_ratio <= MEM_TARGET)
+            target = f"<= {tt:.2f}x time, <= {MEM_TARGET:.2f}x mem: {'yes' if ok else 'no'}"
+        rows.append(dict(precision=precision, ranks=world_size, strategy=s, ms_per_step=statistics.median(ts) * 1e3,
+                         time_ratio=med, time_ratio_ci95=[lo, hi], peak_bytes=mem[s]["peak"] if mem else None,
+                         memory_detail=mem.get(s), mem_ratio=mem_ratio,
+                         sv_params=raw["sv_params"][s], target=target, rounds=len(ts)))
+    return rows
+
+
+def markdown(rows, header: str) -> str:
+    lines = [header, "",
+             "| precision | ranks | strategy | ms/step | time vs standard (95% CI) | peak MiB | memory vs standard "
+             "| sv params | target met |",
+             "|---|---|---|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        mib = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
+        mr = f"{r['mem_ratio']:.3f}x" if r["mem_ratio"] is not None else "-"
+        lo, hi = r["time_ratio_ci95"]
+        lines.append(f"| {r['precision']} | {r['ranks']} | {r['strategy']} | {r['ms_per_step']:.0f} | "
+                     f"{r['time_ratio']:.3f}x ({lo:.3f}-{hi:.3f}) | {mib} | {mr} | {r['sv_params']:,} | "
+                     f"{r['target']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    _init()
-    strategies = list(dict.fromkeys(["standard"] + args.strategies))
-    if args.fold_once_per_step:
-        strategies += [f"{s}+step" for s in strategies if s not in ("standard", "none", "or", "er", "iwd",
-                                                                   MEGATRON_REFERENCE)]
-    from megatron_sv.scale_vectors.stats import parameter_report
-
-    built = {s: _build(args, s) for s in strategies}
-    batches = _batches(args)
-    params = {s: parameter_report([m]) for s, (m, _) in built.items()}
-    for s, (m, o) in built.items():
-        for _ in range(0 if args.skip_timing else args.warmup):
-            _step(m, o, batches)
-    times = {s: [] for s in strategies}
-    for r in range(0 if args.skip_timing else args.rounds):
-        for s in strategies:
-            m, o = built[s]
-            _sync()
-            t0 = time.perf_counter()
-            _step(m, o, batches)
-            _sync()
-            times[s].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{s} {times[s][-1]*1e3:.0f} ms" for s in strategies),
-              flush=True)
-    del built
-
-    mem = {}
-    if not args.skip_memory:
-        for s in strategies:
-            mem[s] = measure_memory_here(args, s)
-
+    opts = {k: getattr(args, k) for k in list(PROTOCOL) + ["threads", "cli_flags", "skip_memory", "strategies"]}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    tokens = args.micro_batch_size * args.seq_length * args.num_microbatches
-    print(f"\ndevice: {device}; d={args.hidden_size}, layers={args.num_layers}, {args.num_microbatches} "
-          f"micro-batches x {args.micro_batch_size * args.seq_length} tokens, "
-          f"{'bf16' if args.bf16 else 'fp32'}, rounds={args.rounds}")
-    header = f"{'strategy':<10} {'ms/step':>9} {'time vs std':>12} {'peak mem vs std':>16} {'sv params':>10} {'sv share':>10}"
-    print(header)
-    print("-" * len(header))
-    results = {}
-    base_t = times["standard"]
-    for s in strategies:
-        ratio = statistics.median(t / b for t, b in zip(times[s], base_t)) if base_t else float("nan")
-        mratio = (mem[s] / mem["standard"]) if mem else float("nan")
-        rep = params[s]
-        ms = statistics.median(times[s]) * 1e3 if times[s] else float("nan")
-        print(f"{s:<10} {ms:>9.1f} {ratio:>11.3f}x {mratio:>15.3f}x "
-              f"{rep.scale_vector_params:>10,} {rep.share:>10.2e}")
-        results[s] = dict(ms_per_step=ms, time_ratio=ratio, mem_ratio=mratio, peak_bytes=mem.get(s),
-                          sv_params=rep.scale_vector_params, tokens_per_step=tokens)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device, args=vars(args), results=results), f, indent=1)
+    header = (f"{'QUICK MODE (tiny shapes; not the protocol). ' if args.quick else ''}"
+              f"Device: {device}; hidden {args.hidden_size}, {args.num_layers} layers, ffn {args.ffn_hidden_size}, "
+              f"{args.num_microbatches} micro-batches x {args.micro_batch_size * args.seq_length} tokens per rank, "
+              f"distributed optimizer, {args.rounds} interleaved rounds (median ratio, bootstrap 95% CI), "
+              f"{args.threads} threads per setting; torch {torch.__version__}; "
+              f"extra flags: '{args.cli_flags}'.")
+    rows = []
+    for precision in args.precisions:
+        for world_size in args.ranks:
+            print(f"== {precision}, {world_size} rank(s): {' '.join(args.strategies)}", flush=True)
+            t0 = time.time()
+            rows += summarize(run_setting(opts, precision, world_size), precision, world_size)
+            print(f"   ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    table = markdown(rows, header)
+    print("\n" + table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(dict(header=header, args=vars(args), rows=rows), f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}.json and {args.out}.md")
 
 
 if __name__ == "__main__":

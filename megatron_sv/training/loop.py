@@ -95,7 +95,7 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-        from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
+        from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, transformer_config
 
         a = self.args
         shape = GPTShape(
@@ -118,8 +118,7 @@ class Trainer:
         te_fp8_config = dict(fp8=a.fp8_format, fp8_recipe=a.fp8_recipe) if te_fp8 else {}
         self.config = transformer_config(shape, layout, **te_fp8_config)
         self.config.calculate_per_token_loss = True  # token-weighted loss (see _loss_func); DDP sums grads
-        model = build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl,
-                                fp8=getattr(a, "fp8", None))
+        model = self.build_gpt(shape)
         model.to(self.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -129,6 +128,14 @@ class Trainer:
 
         self.config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [self.model])
         self.config.no_sync_func = self.model.no_sync
+
+    def build_gpt(self, shape):
+        """This stage's GPT on our specs, before wrapping (benchmarks put Megatron-Core's own spec here)."""
+        from megatron_sv.models.gpt.model import build_gpt_model
+
+        a = self.args
+        return build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl,
+                               fp8=getattr(a, "fp8", None))
 
     def build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
