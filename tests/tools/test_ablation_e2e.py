@@ -35,6 +35,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     runner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
+    children = []
     try:
         deadline = time.time() + 240
         while _last_iteration(metrics) < 6:  # past the first checkpoint (iteration 5)
@@ -47,10 +48,16 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
         assert runner.returncode == 130, text
         assert "rerun the same command to resume" in text
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # reaped
-    finally:
-        for p in [runner] + [c for c in psutil.Process(runner.pid).children(recursive=True)] \
-                if runner.poll() is None else []:
-            p.kill()
+    finally:  # whatever is left of the runner and its training process
+        if runner.poll() is None:
+            children = [psutil.Process(runner.pid)] + psutil.Process(runner.pid).children(recursive=True)
+        for p in children:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if runner.poll() is None:
+            runner.wait()
     stopped_at = _last_iteration(metrics)
     assert 6 <= stopped_at < 30
     info = json.loads((run_dir / "run.json").read_text())
