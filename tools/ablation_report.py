@@ -484,7 +484,7 @@ def plot_efficiency(study: Study, plan: Plan, logs: Dict[str, RunLog], cmp_data,
 
 # ---------------------------------------------------------------------------------------------- main
 def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Sequence[str] = ("standard", "standard+qk"),
-                 overhead_json: Optional[str] = None, plots: bool = True, allow_incomplete: bool = False) -> dict:
+                 overhead_md: Optional[str] = None, plots: bool = True, allow_incomplete: bool = False) -> dict:
     study, logs = load(runs_root)
     plan = study_plan(study, logs)
     missing = unfinished(plan, logs)
@@ -514,13 +514,9 @@ def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Seq
     eff_md, _, eff = efficiency_section(study, plan, logs, cmp_data) if study.compare else ([], [], {})
     wd_md, wd_data = wd_section(study, plan, logs, last_n) if study.weight_decay else ([], {})
     md += sweep_md + cmp_md + eff_md + wd_md + pairing_section(plan, logs)
-    if overhead_json:
-        with open(overhead_json) as f:
-            o = json.load(f)
-        md += ["## Overhead (benchmarks/bench_scale_vectors.py, strategies side by side)", "",
-               _table(["strategy", "ms/step", "step time vs standard", "peak memory vs standard"],
-                      [[f"`{s}`", f"{r['ms_per_step']:.1f}", f"{r['time_ratio']:.3f}x", f"{r['mem_ratio']:.3f}x"]
-                       for s, r in o["results"].items()]), ""]
+    if overhead_md:
+        with open(overhead_md) as f:
+            md += ["## Overhead (benchmarks/bench_scale_vectors.py, strategies side by side)", "", f.read().strip(), ""]
     text = "\n".join(md)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
@@ -548,7 +544,7 @@ def main(argv=None) -> int:
                    help="first copy the small per-run logs here (to commit them), then report from them")
     p.add_argument("--last-n", type=int, default=20, help="final train loss = mean of the last N steps")
     p.add_argument("--references", nargs="+", default=["standard", "standard+qk"])
-    p.add_argument("--overhead-json", default=None, help="benchmarks/bench_scale_vectors.py --json output")
+    p.add_argument("--overhead-md", default=None, help="the Markdown table of benchmarks/bench_scale_vectors.py --out")
     p.add_argument("--allow-incomplete", action="store_true", help="report a study whose runs are not all done")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
@@ -559,7 +555,7 @@ def main(argv=None) -> int:
             n = export_logs(runs, a.export_logs)
             print(f"exported {n} run logs to {a.export_logs}", file=sys.stderr)
             runs = a.export_logs
-        rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_json, not a.no_plots, a.allow_incomplete)
+        rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_md, not a.no_plots, a.allow_incomplete)
     except (ReportError, StudyError, RunLogError, OSError) as e:
         print(f"ablation_report.py: error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,8 @@ def study_dir(tmp_path):
 
 def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     out = str(tmp_path / "report")
-    rep = report.build_report(study_dir, out, last_n=5, plots=False)
+    (tmp_path / "overhead.md").write_text("| precision | strategy |\n|---|---|\n| fp32 | unified |\n")
+    rep = report.build_report(study_dir, out, last_n=5, overhead_md=str(tmp_path / "overhead.md"), plots=False)
     plan = rep["plan"]
     assert plan.best_lr == {"standard": 0.002, "unified": 0.004}
     rows = {r["config"]: r for r in rep["summary"]}
@@ -88,6 +89,7 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     assert "+wd=iwd` | 3.0700" in md and "-0.0300 t95" in md and "(2/2 lower)" in md
     assert f"{0.5 * 0.002 * 20:.3f} (wd 0.5 x Σlr {0.002 * 20:.3f})" in md
     assert "largest |difference|" in md and "0.00e+00" in md  # hg starts as standard on each seed
+    assert "## Overhead" in md and "| fp32 | unified |" in md
     assert f"Code version(s) of the runs' attempts (git commit): `unknown` ({len(plan.runs)} runs)" in md
 
     with open(os.path.join(out, "summary.csv")) as f:
