@@ -31,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -536,6 +537,15 @@ def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Seq
     return dict(study=study, plan=plan, logs=logs, summary=summary, efficiency=eff, markdown=text)
 
 
+def _git_ignored(path: str) -> bool:
+    try:
+        r = subprocess.run(["git", "-C", REPO, "check-ignore", "-q", os.path.abspath(os.path.join(path, "study.json"))],
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, help="a study directory (tools/ablation.py --out, or exported logs)")
@@ -554,6 +564,9 @@ def main(argv=None) -> int:
             load(runs)  # refuse an empty study before writing anything
             n = export_logs(runs, a.export_logs)
             print(f"exported {n} run logs to {a.export_logs}", file=sys.stderr)
+            if _git_ignored(a.export_logs):
+                print(f"warning: git ignores {a.export_logs}: these logs would not be committed (.gitignore excludes "
+                      "every folder named runs/; use docs/results/<study>/logs)", file=sys.stderr)
             runs = a.export_logs
         rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_md, not a.no_plots, a.allow_incomplete)
     except (ReportError, StudyError, RunLogError, OSError) as e:

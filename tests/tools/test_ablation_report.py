@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from megatron_sv.study.spec import Run
-from tests.tools.study_fixtures import TOKENS_PER_STEP, load_tool, study_dict, write_study
+from tests.tools.study_fixtures import ROOT, TOKENS_PER_STEP, load_tool, study_dict, write_study
 
 report = load_tool("ablation_report")
 
@@ -109,6 +109,7 @@ def test_exported_logs_regenerate_the_same_report(study_dir, tmp_path):
     pytest.importorskip("matplotlib")
     logs, out1, out2 = (str(tmp_path / n) for n in ("logs", "r1", "r2"))
     assert report.main(["--runs", study_dir, "--out", out1, "--export-logs", logs, "--last-n", "5"]) == 0
+    assert not report._git_ignored(logs) and report._git_ignored(os.path.join(ROOT, "runs", "x"))
     assert sorted(os.listdir(os.path.join(logs, "standard_lr0.002_it10_s1"))) == ["metrics.jsonl", "run.json"]
     assert report.main(["--runs", logs, "--out", out2, "--last-n", "5"]) == 0
     for name in ("results.md", "runs.csv", "summary.csv", "efficiency.csv"):

@@ -256,6 +256,10 @@ def test_local_command_of_a_run(tmp_path):
         "0.002", "0.0002", "20", "2")
     assert _flag(cmd, "--save") == _flag(cmd, "--load") == os.path.join(d, "checkpoints")
     assert _flag(cmd, "--metrics-file") == os.path.join(d, "metrics.jsonl")
+    ranks = study_from_json(study_dict(nproc=2, **FULL))
+    cmd = local_command(ranks, run, d, master_port=12345)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and _flag(cmd, "--nproc-per-node") == "2"
+    assert _flag(cmd, "--master-port") == "12345" and cmd[cmd.index("--master-port") + 2].endswith("pretrain_gpt_sv.py")
 
 
 SLURM = dict(name="paper", launcher="slurm", iters=1000, warmup=10,
