@@ -23,6 +23,7 @@ extended with more seeds, budgets, LRs or stages reuses every run already done.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -276,7 +277,11 @@ def _run_all(study: Study, out: str, deadline_minutes: Optional[float]) -> int:
 
 # ---------------------------------------------------------------------------------------------- slurm
 def _active_job(job_id: str) -> bool:
-    r = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True)
+    """Queued or running (squeue lists it); False where Slurm's clients are absent."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
     return r.returncode == 0 and job_id in r.stdout.split()
 
 
@@ -287,13 +292,24 @@ def _sbatch(cmd: List[str], env: Dict[str, str]) -> str:
     return r.stdout.strip().split(";")[0]
 
 
+CONTINUE_FILE = "continue.json"
+
+
 def cmd_submit(study: Study, study_path: str, out: str, dry_run: bool) -> int:
     if study.launcher != "slurm":
         raise AblationError(f"study {study.name} has launcher {study.launcher!r}; submit needs 'slurm' (use run)")
     plan = plan_study(study, outcome_from_disk(out))
     check_existing(study, plan, out)
-    if not dry_run:
-        write_study(study, out, study_path)
+    if dry_run:
+        return _submit(study, study_path, out, plan, dry_run)
+    write_study(study, out, study_path)
+    # one submitter at a time (a continuation job and a hand-run submit may meet): each sees the other's job ids
+    with open(os.path.join(out, ".submit.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _submit(study, study_path, out, plan_study(study, outcome_from_disk(out)), dry_run)
+
+
+def _submit(study: Study, study_path: str, out: str, plan: Plan, dry_run: bool) -> int:
     jobs, gave_up = [], []
     for r in plan.runs.values():
         st = state(out, r)
@@ -301,7 +317,7 @@ def cmd_submit(study: Study, study_path: str, out: str, dry_run: bool) -> int:
             continue
         p = os.path.join(run_dir(out, r), RUN_FILE)
         attempts = json.load(open(p)).get("attempts", []) if os.path.exists(p) else []
-        if attempts and not dry_run and _active_job(attempts[-1]["job_id"]):
+        if attempts and _active_job(attempts[-1].get("job_id", "")):
             jobs.append(attempts[-1]["job_id"])
             continue
         if len(attempts) >= study.slurm.max_attempts:
@@ -327,8 +343,16 @@ def cmd_submit(study: Study, study_path: str, out: str, dry_run: bool) -> int:
         if dry_run:
             print(f"# continuation: submits the next stages and resumes stopped runs after these jobs\n"
                   f"{shell_line(cont)}")
+            return 0
+        cp = os.path.join(out, CONTINUE_FILE)
+        pending = json.load(open(cp)).get("job_id") if os.path.exists(cp) else None
+        if pending and pending != os.environ.get("SLURM_JOB_ID") and _active_job(pending):
+            print(f"continuation job {pending} is already pending; it resubmits itself while jobs remain")
         else:
-            print(f"continuation job {_sbatch(cont, dict(os.environ))} (after {len(jobs)} jobs)")
+            job = _sbatch(cont, dict(os.environ))
+            with open(cp, "w") as f:
+                json.dump(dict(job_id=job, after=jobs), f)
+            print(f"continuation job {job} (after {len(jobs)} jobs)")
     elif not plan.waiting and not gave_up:
         print(f"study {study.name}: every run is done")
     return 1 if gave_up and not jobs else 0
