@@ -3,6 +3,8 @@
 #   1. CUDA unit tests (pytest -m cuda): local backend on CUDA; TE backend vs local when TE is present
 #   2. bf16 vs FP8 loss agreement over 50 steps, standard and unified (only with Transformer Engine)
 #   3. throughput: unified vs standard (and TE vs local with TE), interleaved rounds in one process
+#   4. FP8 on the local backend (torch._scaled_mm, no TE needed) vs bf16: tokens/s and peak memory at
+#      0.5B and 1B shapes, standard and unified (benchmarks/bench_fp8.py, <= 4 more minutes)
 # Works without Transformer Engine: then 2 prints that it is skipped and 3 measures the local backend.
 # Results: stdout, and $OUT/gpu_te_check.json when $OUT is set.
 set -uo pipefail
@@ -26,3 +28,7 @@ echo "== FP8 agreement and throughput"
 JSON=${OUT:+$OUT/gpu_te_check.json}
 timeout 330 python3 benchmarks/gpu_te_check.py ${JSON:+--json $JSON} "$@"
 echo "gpu_te_check exit code: $?"
+echo "== FP8 (torch._scaled_mm) vs bf16, 0.5B and 1B"
+FP8_JSON=${OUT:+$OUT/bench_fp8.json}
+timeout 240 python3 benchmarks/bench_fp8.py ${FP8_JSON:+--json $FP8_JSON}
+echo "bench_fp8 exit code: $?"

@@ -154,7 +154,9 @@ class FP8ParallelLinear(torch.autograd.Function):
 
         # wgrad: dW = g^T @ x, contracted over tokens (padded to a multiple of 16)
         grad_weight = None
-        if need_wgrad:
+        if need_wgrad and g.shape[0] == 0:  # an MoE expert without tokens (the same on its TP ranks)
+            grad_weight = torch.zeros(fp8w.dgrad.data.shape, dtype=ctx.weight_dtype, device=g.device)
+        elif need_wgrad:
             x = total.reshape(-1, total.shape[-1])
             if recipe.rowwise:
                 gp, xp = _pad_rows(g), _pad_rows(x)

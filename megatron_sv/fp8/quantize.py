@@ -50,7 +50,10 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool,
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(t.shape)}")
     with torch.no_grad():
         a = t.detach().abs()
-        amax = (a.amax(dim=1, keepdim=True) if rowwise else a.amax()).float()
+        if rowwise:
+            amax = a.amax(dim=1, keepdim=True).float()
+        else:  # an MoE expert can receive no token: its amax is 0 (and the TP collective below still runs)
+            amax = a.amax().float() if a.numel() else torch.zeros((), dtype=torch.float32, device=a.device)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         fmax = torch.finfo(dtype).max

@@ -260,3 +260,14 @@ def test_tensorwise_matches_torchao_float8_linear(megatron_single_rank, fmt):
     torch.testing.assert_close(y, y_ao, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ao.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fp8.weight.grad, ao[0].weight.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", [RECIPES[1], RECIPES[3]], ids=lambda r: f"{r.format}-{r.scaling}")
+def test_an_expert_without_tokens(megatron_single_rank, recipe):
+    """Top-k routing can leave an MoE expert without tokens: empty output, zero weight gradient."""
+    fp8, _ = _pair(FP8RowParallelLinear, RowParallelLinear, recipe, H, 48, _config())
+    x = torch.zeros(0, H, requires_grad=True)
+    y, _ = fp8(x)
+    y.sum().backward()
+    assert y.shape == (0, 48) and x.grad.shape == (0, H)
+    assert fp8.weight.grad.shape == fp8.weight.shape and not fp8.weight.grad.any()

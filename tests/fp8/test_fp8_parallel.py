@@ -3,9 +3,9 @@
 Every amax that crosses a tensor-parallel shard is all-reduced, so the FP8 operands (bits and scales) are
 the same at every layout; what remains is the order of fp32 sums (row-parallel reductions, pipeline
 boundaries), so the comparison is tight (fp32 parameters and activations, FP8 GEMMs): losses over 3 Adam
-steps, the global gradient norm (sensitive to a doubled or missing reduction, unlike Adam's update) and
-the gradients of replicated scale vectors. Dropping the amax reduction moves TP2 away from TP1 by FP8
-rounding, outside the tolerances (figures below).
+steps, the global gradient norm of every step (sensitive to a doubled or missing reduction, unlike Adam's
+update) and the first step's gradients of replicated scale vectors. Dropping the amax reduction moves TP2
+away from TP1 by FP8 rounding, outside the tolerances (figures below).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _job(rank, world_size, runs):
                                                                   scaling=scaling),
                           collect_grads=_replicated_vector, steps=3, keep_process_group=True,
                           optimizer_overrides=functools.partial(_overrides, strategy), **kwargs)
-        out[key] = {"losses": res["losses"], "grads": res["grads"], "grad_norm": res["grad_norm"]}
+        out[key] = {"losses": res["losses"], "grads": res["grads"], "grad_norms": res["grad_norms"]}
     destroy_distributed()
     return out
 
@@ -86,10 +86,16 @@ def test_fp8_layouts_match_tp1(fp8_results, layout, case):
     ref, per_rank = fp8_results
     want, got = ref[(layout, "ref", case)], per_rank[0][(layout, case)]
     assert want["losses"][0] != want["losses"][-1]  # training moved
-    # measured: losses within 3e-6 and the gradient norm within 3.4e-4 (an fp32 sum-order difference can
-    # flip one FP8 rounding); without the amax all-reduce the first loss is 3e-5 off and the norm 2-13 %
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=1e-6)
-    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-3)
+    # Steps 1-2 are tight (measured: equal to 1e-7): same FP8 operands, only fp32 sums reordered. By step 3
+    # a value that differs in its last fp32 bit can round to the neighbouring FP8 value and Adam's
+    # normalized update amplifies it (measured: loss 5e-5, gradient norm 4e-4 relative), hence the looser
+    # last step. Without the amax all-reduce: step-1 loss 3e-5 to 7e-5 and gradient norm 7e-4 to 6e-3 off.
+    lw, lg = torch.tensor(want["losses"]), torch.tensor(got["losses"])
+    nw, ng = torch.tensor(want["grad_norms"]), torch.tensor(got["grad_norms"])
+    torch.testing.assert_close(lg[:2], lw[:2], rtol=5e-6, atol=0)
+    torch.testing.assert_close(ng[:2], nw[:2], rtol=1e-5, atol=0)
+    torch.testing.assert_close(lg[2:], lw[2:], rtol=2e-4, atol=0)
+    torch.testing.assert_close(ng[2:], nw[2:], rtol=2e-3, atol=0)
     if layout == "tp2_sp":
         for rank in (0, 1):
             grads = per_rank[rank][(layout, case)]["grads"]

@@ -132,6 +132,7 @@ def train_steps(
         forward_backward = get_forward_backward_func()
         losses: List[float] = []
         grads: Dict[str, torch.Tensor] = {}
+        grad_norms: List[float] = []
         for step in range(steps):
             data = (synthetic_tokens(per_rank * dp_size, seed=1000 + step) if tokens is None
                     else tokens(per_rank * dp_size, step))
@@ -158,6 +159,7 @@ def train_steps(
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
             after_parameters_changed([model], optimizer)  # as the training loop does (parameter caches)
+            grad_norms.append(float(grad_norm))
             # mean of the micro-batch losses on the last stage, averaged over data-parallel ranks
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 local = torch.stack([r["lm loss"] for r in reduced]).mean()
@@ -168,7 +170,7 @@ def train_steps(
                 contrib.zero_()
             torch.distributed.all_reduce(contrib)
             losses.append(float(contrib[0] / contrib[1]))
-        result = {"losses": losses, "grads": grads, "grad_norm": float(grad_norm)}
+        result = {"losses": losses, "grads": grads, "grad_norm": float(grad_norm), "grad_norms": grad_norms}
         if finish is not None:
             result["finish"] = finish(model.module)
         return result
