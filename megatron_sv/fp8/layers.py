@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
 
 from .linear import FP8WeightCache, TPShards, fp8_parallel_linear
-from .recipe import FP8Recipe, check_fp8_dims
+from .recipe import FP8Recipe, check_fp8_device, check_fp8_dims
 
 
 class FP8LinearMixin:
@@ -32,6 +32,7 @@ class FP8LinearMixin:
         super().__init__(*args, **kwargs)
         self.fp8 = fp8
         self.fp8_weights = FP8WeightCache()
+        self._fp8_device_checked = False
         # the wgrad GEMM returns the gradient; Megatron's fused main_grad accumulation is a bf16 kernel
         self.gradient_accumulation_fusion = False
         if self._column_parallel:
@@ -49,6 +50,9 @@ class FP8LinearMixin:
                       tp_group=None, **unused):
         if grad_output_buffer is not None:
             raise ValueError("deferred embedding wgrad is not supported by FP8 linears")
+        if input.is_cuda and not self._fp8_device_checked:  # once: a GPU without FP8 tensor cores
+            check_fp8_device(input.device)
+            self._fp8_device_checked = True
         fp8w = self.fp8_weights.get(weight, self.fp8, self._fp8_shards)
         return fp8_parallel_linear(input, weight, bias, fp8w, self.fp8, self._fp8_shards,
                                    allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
