@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sv.scale_vectors.inner_norms import kernel, kernel_mode
+
 from .recipe import FP8_DIM_MULTIPLE, FP8Unsupported
 
 _EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale
@@ -40,6 +42,28 @@ class FP8Operand:
         return self.data.float() * self.inv_scale
 
 
+# The kernel bodies: written once, run eagerly or through torch.compile (see _kernel).
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().amax().float()
+
+
+def _row_amax(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().amax(dim=1, keepdim=True).float()
+
+
+def _cast(t: torch.Tensor, scale: torch.Tensor, fmax: float, dtype: torch.dtype) -> torch.Tensor:
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+def _kernel(fn, device: torch.device):
+    """On CUDA, torch.compile'd where Triton exists (one fused pass per amax and per cast instead of
+    several with fp32 temporaries; MEGATRON_SV_FUSED_KERNELS=eager turns it off). On CPU eager, unless
+    MEGATRON_SV_FUSED_KERNELS=compiled: the CPU path serves tests, where compile time would dominate."""
+    if device.type == "cuda" or kernel_mode() == "compiled":
+        return kernel(fn, device)
+    return fn
+
+
 def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool,
              group: Optional[dist.ProcessGroup] = None) -> FP8Operand:
     """Cast a 2-D tensor to ``dtype`` with a scale from its current amax (per row if ``rowwise``).
@@ -49,17 +73,18 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool,
     if t.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(t.shape)}")
     with torch.no_grad():
-        a = t.detach().abs()
+        t = t.detach()
         if rowwise:
-            amax = a.amax(dim=1, keepdim=True).float()
+            amax = _kernel(_row_amax, t.device)(t)
         else:  # an MoE expert can receive no token: its amax is 0 (and the TP collective below still runs)
-            amax = a.amax().float() if a.numel() else torch.zeros((), dtype=torch.float32, device=a.device)
+            amax = _kernel(_amax, t.device)(t) if t.numel() else torch.zeros((), dtype=torch.float32,
+                                                                             device=t.device)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         fmax = torch.finfo(dtype).max
         # fp64 for the division, as torchao does, so the scale does not depend on how it is computed
         scale = (fmax / amax.double().clamp(min=_EPS)).float()
-        data = (t.detach().float() * scale).clamp(-fmax, fmax).to(dtype).contiguous()
+        data = _kernel(_cast, t.device)(t, scale, fmax, dtype).contiguous()
         return FP8Operand(data, scale.reciprocal())
 
 

@@ -271,3 +271,15 @@ def test_an_expert_without_tokens(megatron_single_rank, recipe):
     y.sum().backward()
     assert y.shape == (0, 48) and x.grad.shape == (0, H)
     assert fp8.weight.grad.shape == fp8.weight.shape and not fp8.weight.grad.any()
+
+
+def test_compiled_casts_equal_eager(monkeypatch):
+    """On CUDA the amax and cast kernels run through torch.compile: same bits and scales as eager
+    (checked here with the CPU compiler; MEGATRON_SV_FUSED_KERNELS=compiled forces it on CPU)."""
+    x = (torch.randn(48, 32, generator=torch.Generator().manual_seed(8)) * 3).to(torch.bfloat16).t()
+    eager = [quantize(x, torch.float8_e4m3fn, rowwise) for rowwise in (False, True)]
+    monkeypatch.setenv("MEGATRON_SV_FUSED_KERNELS", "compiled")
+    for rowwise, want in zip((False, True), eager):
+        got = quantize(x, torch.float8_e4m3fn, rowwise)
+        assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+        assert torch.equal(got.inv_scale, want.inv_scale) and got.data.is_contiguous()
