@@ -229,6 +229,17 @@ def cmd_run(study: Study, study_path: str, out: str, deadline_minutes: Optional[
         for w in plan.waiting:
             print(f"# waiting for: {w} (planned once those runs are done)")
         return 0
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise AblationError(f"another tools/ablation.py run works in {out} ({lock.read().strip()}); two runners "
+                            "would start the same run") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
     write_study(study, out, study_path)
     saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -239,6 +250,7 @@ def cmd_run(study: Study, study_path: str, out: str, deadline_minutes: Optional[
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+        lock.close()  # releases the lock
 
 
 def _run_all(study: Study, out: str, deadline_minutes: Optional[float]) -> int:

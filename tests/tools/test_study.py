@@ -348,6 +348,12 @@ def test_runner_refuses_a_run_directory_with_another_command(tmp_path, capsys):
     assert "1 runs done" in capsys.readouterr().out
     info = json.loads((out / run.id / "run.json").read_text())
     assert len(info["attempts"]) == 1
+    # a second runner on the same folder is refused while the first holds it
+    import fcntl
+    with open(out / ".run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert ablation.main(["run", str(sp), "--out", str(out)]) == 2
+        assert "another tools/ablation.py run works in" in capsys.readouterr().err
     # the study file changed a shared flag: refuse, before anything runs
     d["train_flags"] = [x if x != "0.1" else "0.2" for x in d["train_flags"]]
     sp.write_text(json.dumps(d))
