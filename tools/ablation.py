@@ -185,6 +185,25 @@ def _interrupt(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
+def _reap_group(pgid: int, grace_s: float = 10.0) -> None:
+    """End what the run left in its process group (compile workers, data loader workers) once it exited."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
     """Start (or resume) one run; its output goes to <run>/stdout.log. If the runner is interrupted, the run
     gets SIGTERM (pretrain_gpt_sv.py saves a checkpoint and exits) and the runner waits for it."""
@@ -209,6 +228,7 @@ def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
+    _reap_group(proc.pid)
     wall = time.time() - t0
     _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"),
                  code=code)
