@@ -124,7 +124,15 @@ class FP8ParallelLinear(torch.autograd.Function):
         out = out.view(*total.shape[:-1], out.shape[-1])
         if bias is not None:
             out = out + bias
-        ctx.save_for_backward(input)
+        # Tensorwise without SP: the wgrad reuses the forward's FP8 input (the same bits it would re-cast),
+        # so 1 byte per element stays alive instead of 2. Rowwise scales x per column for the wgrad (a
+        # different cast); under SP the local bf16 shard is kept and re-gathered, as Megatron does.
+        ctx.keep_fp8_input = not recipe.rowwise and not sequence_parallel
+        if ctx.keep_fp8_input:
+            ctx.save_for_backward(xq.data, xq.inv_scale)
+        else:
+            ctx.save_for_backward(input)
+        ctx.input_dtype = input.dtype
         ctx.fp8w, ctx.recipe, ctx.shards = fp8w, recipe, shards
         ctx.allreduce_dgrad, ctx.sequence_parallel, ctx.tp_group = allreduce_dgrad, sequence_parallel, tp_group
         ctx.use_bias, ctx.weight_dtype = bias is not None, weight.dtype
@@ -132,18 +140,22 @@ class FP8ParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (input,) = ctx.saved_tensors
         recipe, shards, fp8w = ctx.recipe, ctx.shards, ctx.fp8w
+        if ctx.keep_fp8_input:
+            x_data, x_inv = ctx.saved_tensors
+            input = None
+        else:
+            (input,) = ctx.saved_tensors
         g = grad_output.reshape(-1, grad_output.shape[-1])
         need_wgrad = ctx.needs_input_grad[1]
         total = None
-        if need_wgrad:
+        if need_wgrad and input is not None:
             total = _all_gather_sequence(input, ctx.tp_group) if ctx.sequence_parallel else input
         out_dtype = _gemm_out_dtype(g, recipe)
 
         # dgrad: dx = g @ W
         gq = quantize(g, recipe.grad_dtype, recipe.rowwise, shards.over(shards.output_sharded))
-        grad_input = scaled_mm(gq, fp8w.dgrad, out_dtype).to(input.dtype)
+        grad_input = scaled_mm(gq, fp8w.dgrad, out_dtype).to(ctx.input_dtype)
         grad_input = grad_input.view(*grad_output.shape[:-1], grad_input.shape[-1])
         if ctx.sequence_parallel:
             sub = torch.empty_like(input)
@@ -157,14 +169,18 @@ class FP8ParallelLinear(torch.autograd.Function):
         if need_wgrad and g.shape[0] == 0:  # an MoE expert without tokens (the same on its TP ranks)
             grad_weight = torch.zeros(fp8w.dgrad.data.shape, dtype=ctx.weight_dtype, device=g.device)
         elif need_wgrad:
-            x = total.reshape(-1, total.shape[-1])
             if recipe.rowwise:
+                x = total.reshape(-1, total.shape[-1])
                 gp, xp = _pad_rows(g), _pad_rows(x)
                 g_t = quantize(gp.t(), recipe.grad_dtype, True)  # per output row, over tokens
                 x_t = quantize(xp.t(), recipe.forward_dtype, True).t()  # per input column, over tokens
             else:
                 # the same bits and scales as the dgrad / forward casts (tensorwise scales ignore layout)
-                xq = quantize(x, recipe.forward_dtype, False, shards.over(shards.input_sharded))
+                if ctx.keep_fp8_input:
+                    xq = FP8Operand(x_data, x_inv)
+                else:
+                    x = total.reshape(-1, total.shape[-1])
+                    xq = quantize(x, recipe.forward_dtype, False, shards.over(shards.input_sharded))
                 g_t = FP8Operand(_pad_rows(gq.data.view(torch.uint8)).view(gq.data.dtype).t().contiguous(),
                                  gq.inv_scale)
                 x_t = FP8Operand(_pad_rows(xq.data.view(torch.uint8)).view(xq.data.dtype), xq.inv_scale)
