@@ -120,7 +120,7 @@ class FP8ParallelLinear(torch.autograd.Function):
         total = _all_gather_sequence(input, tp_group) if sequence_parallel else input
         x = total.reshape(-1, total.shape[-1])
         xq = quantize(x, recipe.forward_dtype, recipe.rowwise, shards.over(shards.input_sharded))
-        out = scaled_mm(xq, fp8w.fwd, _gemm_out_dtype(x, recipe)).to(input.dtype)
+        out = scaled_mm(xq, fp8w.fwd, _gemm_out_dtype(x, recipe), fast_accum=True).to(input.dtype)
         out = out.view(*total.shape[:-1], out.shape[-1])
         if bias is not None:
             out = out + bias

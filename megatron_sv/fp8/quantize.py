@@ -92,8 +92,11 @@ def _is_row_major(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.size(0) == 1 or t.stride(0) >= t.size(1))
 
 
-def scaled_mm(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype) -> torch.Tensor:
-    """a.data [M, K] @ b.data [K, N] * scales, accumulated in fp32, returned as ``out_dtype``."""
+def scaled_mm(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """a.data [M, K] @ b.data [K, N] * scales, accumulated in fp32, returned as ``out_dtype``.
+
+    ``fast_accum``: Hopper's faster, less often promoted accumulation (torchao and Transformer Engine use it
+    for the forward GEMM only; gradients keep the exact fp32 accumulation). No effect on CPU."""
     (m, k), (k2, n) = a.data.shape, b.data.shape
     if k != k2:
         raise ValueError(f"scaled_mm: inner sizes differ ({k} vs {k2})")
@@ -112,4 +115,4 @@ def scaled_mm(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype) -> torch.Ten
     elif a.data.dtype == torch.float8_e5m2 and b.data.dtype == torch.float8_e5m2:
         raise ValueError("scaled_mm: at most one operand may be e5m2")
     return torch._scaled_mm(a.data, b.data, scale_a=a.inv_scale.contiguous(), scale_b=b.inv_scale.contiguous(),
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum and a.data.is_cuda)
