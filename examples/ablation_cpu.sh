@@ -32,15 +32,14 @@ export PYTHONWARNINGS=ignore TORCHINDUCTOR_COMPILE_THREADS=1
 
 if [ -n "${PLAN:-}" ] || [ -n "${DRY_RUN:-}" ]; then
   export DATA_PATH="${DATA_PATH:-runs/data/stdlib/stdlib_text_document}"
-  export TOKENIZER_MODEL="${TOKENIZER_MODEL:-runs/data/stdlib/spm8000.model}"
+  export TOKENIZER_MODEL="${TOKENIZER_MODEL:-runs/data/stdlib/tokenizer.model}"
   if [ -n "${PLAN:-}" ]; then exec "$PYTHON" tools/ablation.py plan "$STUDY" --out "$OUT"; fi
   exec "$PYTHON" tools/ablation.py run "$STUDY" --out "$OUT" --dry-run
 fi
 
-prep=$(nice -n "$NICE" "$PYTHON" examples/prepare_default_corpus.py --out-dir runs/data/stdlib --vocab-size 8000 \
-       | tail -n 2)
-export DATA_PATH=$(echo "$prep" | sed -n 's/^PREFIX=//p')
-export TOKENIZER_MODEL=$(echo "$prep" | sed -n 's/^TOKENIZER=//p')
+prep=$(nice -n "$NICE" "$PYTHON" tools/prepare_default_corpus.py --output-dir runs/data/stdlib --vocab-size 8000)
+export DATA_PATH=$(sed -n 's/^DATA_PATH=//p' <<<"$prep")
+export TOKENIZER_MODEL=$(sed -n 's/^TOKENIZER_MODEL=//p' <<<"$prep")
 T0=$(date +%s)
 rc=0
 nice -n "$NICE" "$PYTHON" tools/ablation.py run "$STUDY" --out "$OUT" \

@@ -15,6 +15,7 @@ class ExitSignalHandler:
         self.signals = tuple(signals)
         self.received: Optional[int] = None
         self._previous: Dict[int, object] = {}
+        self._previous_mask = None
 
     def _handle(self, signum, frame):
         if self.received is None:
@@ -23,9 +24,17 @@ class ExitSignalHandler:
     def install(self) -> "ExitSignalHandler":
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
+        # A launcher may start the ranks with these signals blocked (megatron_sv.launch holds SIGUSR1 blocked
+        # so that a warning during start-up is kept pending, not lost): from here on they are handled.
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def restore(self) -> None:
+        # block again first (as the launcher had it), so that a late duplicate of the signal (Slurm signals
+        # every process, the launcher forwards it as well) stays pending instead of killing the process
+        if self._previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
+            self._previous_mask = None
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()

@@ -1,0 +1,109 @@
+"""torchrun as the launch scripts run it: ``python -m megatron_sv.launch <torchrun arguments>``.
+
+Plain torchrun (``python -m torch.distributed.run``) with two differences that matter on a cluster:
+
+* SIGUSR1, Slurm's warning before the time limit (``#SBATCH --signal=USR1@120``, ``scancel --signal=USR1``),
+  must reach the training ranks and must not kill the agent (its default action is to terminate). The agent
+  holds SIGUSR1 blocked, and the ranks inherit the blocked mask through fork and exec, so a signal that
+  arrives while a rank is still importing stays pending until the rank installs its handler and unblocks it
+  (megatron_sv.training.signals) instead of being lost. A thread of the agent waits for the signal itself and
+  passes it on to the ranks, also to ranks that start later (a signal that came during the rendezvous):
+  outside Slurm, ``kill -USR1 <agent>`` is enough. Under Slurm every process of the step is signalled
+  anyway; a rank that gets the signal twice acts once. SIGTERM keeps torchrun's own handling (it passes
+  SIGTERM to the ranks and gives them 30 s to finish their exit save).
+* A rank that fails with one of the trainer's own exit codes (2: a bad argument, a refused checkpoint;
+  3: training diverged) has already printed a one-line error. Then the agent exits with that code and adds
+  no ChildFailedError report after it, so the error is the last line of the log. Any other failure (a
+  crash, a rank killed by a signal) keeps torchrun's full report and its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence
+
+# The trainer's exit codes after which its own message says everything (megatron_sv.training.loop).
+REPORTED_EXIT_CODES = (2, 3)
+FORWARDED_SIGNALS = (signal.SIGUSR1,)
+
+
+def _children() -> List[int]:
+    """The agent's worker processes: its direct children (torchrun starts each rank with Popen)."""
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name (field 2) may contain spaces; the parent pid is the 2nd field after its ")"
+        if stat[stat.rindex(")") + 2:].split()[1] == me:
+            pids.append(int(entry))
+    return pids
+
+
+def _forward_signals(signals: Sequence[int], poll_s: float = 0.5) -> None:
+    """Wait for ``signals`` (blocked in every thread) and send each one to the worker processes; while no
+    worker runs yet, keep it until the first one has started."""
+    pending: List[int] = []
+    sent_to: dict = {}
+
+    def loop():
+        while True:
+            pending.append(signal.sigwait(set(signals)))
+            while pending:
+                workers = _children()
+                if workers:
+                    for sig in pending:
+                        for pid in workers:
+                            if sent_to.get((sig, pid)):
+                                continue  # each worker hears each kind of signal once
+                            try:
+                                os.kill(pid, sig)
+                                sent_to[(sig, pid)] = True
+                            except ProcessLookupError:
+                                pass
+                    pending.clear()
+                else:
+                    time.sleep(poll_s)
+
+    threading.Thread(target=loop, name="megatron_sv-signal-forwarder", daemon=True).start()
+
+
+class _DropReportedFailures(logging.Filter):
+    """torchrun's "failed (exitcode: N) local_rank: ..." line, for the codes whose error the rank printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("failed (exitcode:") and record.args
+                    and record.args[0] in REPORTED_EXIT_CODES)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # before torch starts any thread: every thread inherits the mask, so only the forwarder takes the signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    _forward_signals(FORWARDED_SIGNALS)
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
+    try:
+        run(parse_args(list(sys.argv[1:] if argv is None else argv)))
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes and codes <= set(REPORTED_EXIT_CODES):
+            return e.get_first_failure()[1].exitcode
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
