@@ -19,10 +19,11 @@
 launch_training() {
   local nproc="$1"; shift
   if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "+ $PYTHON -m megatron_sv.launch --nproc-per-node $nproc ... pretrain_gpt_sv.py $*"
+    local cmd=("$PYTHON" -m megatron_sv.launch --nproc-per-node "$nproc" --master-addr 127.0.0.1
+               --master-port "${MASTER_PORT:-29517}" pretrain_gpt_sv.py "$@")
+    echo "+ ${cmd[*]}"
     [ "${DRY_RUN:-0}" = 1 ] && return 0
-    "$PYTHON" -m megatron_sv.launch --nproc-per-node "$nproc" --master-addr 127.0.0.1 \
-      --master-port "${MASTER_PORT:-29517}" pretrain_gpt_sv.py "$@"
+    "${cmd[@]}"
     return
   fi
 

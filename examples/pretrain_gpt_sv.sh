@@ -126,7 +126,7 @@ case "$MODEL" in
 esac
 TP="${TP:-$TP_DEF}"; PP="${PP:-1}"; EP="${EP:-$EP_DEF}"
 SP=(); if [ "$TP" -gt 1 ]; then SP=(--sequence-parallel); fi
-mkdir -p "$OUT"
+[ "${DRY_RUN:-0}" = 1 ] || mkdir -p "$OUT"
 ARGS=("${ARCH[@]}" --seq-length "$SEQ" --max-position-embeddings "$SEQ" --normalization RMSNorm --swiglu
   --position-embedding-type rope --untie-embeddings-and-output-weights
   --scale-vector-strategy "$STRATEGY"

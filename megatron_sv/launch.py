@@ -27,8 +27,10 @@ import threading
 import time
 from typing import List, Optional, Sequence
 
-# The trainer's exit codes after which its own message says everything (megatron_sv.training.loop).
-REPORTED_EXIT_CODES = (2, 3)
+from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED  # torch-free
+
+# The trainer's exit codes after which its own message says everything.
+REPORTED_EXIT_CODES = (EXIT_BAD_ARGS, EXIT_DIVERGED)
 FORWARDED_SIGNALS = (signal.SIGUSR1,)
 
 

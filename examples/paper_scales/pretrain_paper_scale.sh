@@ -95,15 +95,5 @@ ARGS=("${ARCH[@]}" --seq-length "$SEQ" --max-position-embeddings "$SEQ" --normal
 echo "paper preset $MODEL: ~$PARAMS params counted for the budget, $TRAIN_TOKENS tokens = $TRAIN_ITERS steps x" \
      "$GBS x $SEQ; $OPT, $SCHED, LR $LR -> $MIN_LR, warmup $WARMUP; TP $TP PP $PP EP $EP on $WORLD GPUs" >&2
 
-run() { echo "+ $*"; if [ "${DRY_RUN:-0}" != "1" ]; then "$@"; fi; }
-if [ "$MODE" = local ]; then
-  run "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --master-addr 127.0.0.1 \
-    --master-port "${MASTER_PORT:-29517}" pretrain_gpt_sv.py "${ARGS[@]}"
-  exit 0
-fi
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-MASTER_PORT="${MASTER_PORT:-29517}"
-LAUNCH="trap '' USR1; exec $PYTHON -m torch.distributed.run --nnodes $NNODES --nproc-per-node $GPUS_PER_NODE \
---node-rank \$SLURM_NODEID --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT --rdzv-id $SLURM_JOB_ID \
-pretrain_gpt_sv.py $(printf '%q ' "${ARGS[@]}")"
-run srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$LAUNCH"
+source examples/launch.sh   # local torchrun, or one torchrun per node under Slurm (signals, rendezvous)
+launch_training "$GPUS_PER_NODE" "${ARGS[@]}"

@@ -37,11 +37,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun: RANK; srun without torchrun: SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (the full usage of ~80 flags would bury it; --help shows it)."""
+    """Usage errors in one line (the full usage of ~80 flags would bury it; --help shows it), printed by
+    rank 0 only: every rank finds the same error."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if launch_rank() == 0 else None)
 
 
 def _bool_pair(g, name: str, help_text: str) -> None:

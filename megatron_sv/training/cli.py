@@ -7,18 +7,13 @@ start with ``megatron_sv.training.loop``, once the flags are known to be good.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import List, Optional
 
-from megatron_sv.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_sv.training.arguments import ArgumentError, launch_rank, parse_args, validate_args
 
 EXIT_OK, EXIT_BAD_ARGS, EXIT_DIVERGED = 0, 2, 3
-
-
-def launch_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
 def report_bad_args(error: Exception) -> int:
