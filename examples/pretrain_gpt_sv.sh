@@ -20,8 +20,13 @@
 #        embedded default: the Python standard library's .py files become the corpus (sentencepiece 8k
 #        tokenizer + indexed dataset under runs/data/stdlib, built once by tools/prepare_default_corpus.py),
 #        then a 4-layer, d=128, seq 256 `unified` model trains for 500 steps (~1M tokens) with validation.
-#   On CPU inside a Slurm job (sbatch --gpus-per-node=0 ...) the ranks are gloo ranks launched exactly as on a
-#   GPU cluster; that is how this script is tested (tests/slurm, a real one-node Slurm 22.05 cluster).
+#   On CPU inside a Slurm job (sbatch --gpus-per-node=0 --cpus-per-task=N ...) the ranks are gloo ranks
+#   launched exactly as on a GPU cluster. That is how this script is tested (tests/slurm: a real Slurm 22.05,
+#   slurmctld and two slurmd on one host): a complete run whose checkpoint loads; the time limit's USR1,
+#   scancel --signal=USR1 and plain scancel, each resumed by the same command with the losses of an
+#   uninterrupted run; scontrol requeue of a --requeue job, which resumes by itself; --nodes=2 with one rank
+#   per node (rendezvous on the first node) matching one node with two ranks. Not tested here: GPUs/NCCL and
+#   nodes on separate hosts (the output directory must be on a file system that every node sees).
 #
 # Model presets (MODEL=...), all RMSNorm + SwiGLU + RoPE, untied embeddings:
 #   tiny   NUM_LAYERS (4) layers, HIDDEN_SIZE (128), NUM_HEADS (4) heads, SEQ_LENGTH (256)   (CPU default)

@@ -11,9 +11,10 @@ Plain torchrun (``python -m torch.distributed.run``) with two differences that m
   outside Slurm, ``kill -USR1 <agent>`` is enough. Under Slurm every process of the step is signalled
   anyway; a rank that gets the signal twice acts once. SIGTERM keeps torchrun's own handling (it passes
   SIGTERM to the ranks and gives them 30 s to finish their exit save).
-* A rank that fails with one of the trainer's own exit codes (2: a bad argument, a refused checkpoint;
+* A rank that fails first with one of the trainer's own exit codes (2: a bad argument, a refused checkpoint;
   3: training diverged) has already printed a one-line error. Then the agent exits with that code and adds
-  no ChildFailedError report after it, so the error is the last line of the log. Any other failure (a
+  no ChildFailedError report after it (nor its line about the ranks it stopped), so the error is the last
+  line of the log. Any other failure (a
   crash, a rank killed by a signal) keeps torchrun's full report and its exit code.
 """
 
@@ -80,12 +81,28 @@ def _forward_signals(signals: Sequence[int], poll_s: float = 0.5) -> None:
     threading.Thread(target=loop, name="megatron_sv-signal-forwarder", daemon=True).start()
 
 
-class _DropReportedFailures(logging.Filter):
-    """torchrun's "failed (exitcode: N) local_rank: ..." line, for the codes whose error the rank printed."""
+class _HoldFailureLines(logging.Filter):
+    """Holds back torchrun's lines about a failed rank ("failed (exitcode: N) ...") and about the ranks it
+    stops after it ("Sending process ... closing signal ..."): dropped when the failure is one the rank
+    reported itself, logged just before torchrun's report otherwise."""
+
+    HELD = ("failed (exitcode:", "Sending process")
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.held, self.releasing = logger, [], False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("failed (exitcode:") and record.args
-                    and record.args[0] in REPORTED_EXIT_CODES)
+        if self.releasing or not str(record.msg).startswith(self.HELD):
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self) -> None:
+        self.releasing = True
+        for record in self.held:
+            self.logger.handle(record)
+        self.held.clear()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -96,14 +113,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
+    api_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    held = _HoldFailureLines(api_logger)
+    api_logger.addFilter(held)
     try:
         run(parse_args(list(sys.argv[1:] if argv is None else argv)))
     except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        if codes and codes <= set(REPORTED_EXIT_CODES):
-            return e.get_first_failure()[1].exitcode
+        # the first rank to fail is the cause; torchrun then stops the others (SIGTERM) before they exit
+        first = e.get_first_failure()[1]
+        if first.exitcode in REPORTED_EXIT_CODES:
+            return first.exitcode
+        held.release()
         raise
+    except BaseException:
+        held.release()
+        raise
+    held.release()
     return 0
 
 
