@@ -5,8 +5,8 @@
 #
 # Outside Slurm: one torchrun on this machine (MASTER_PORT, default 29517).
 # Inside a Slurm job (SLURM_JOB_ID set): `srun --ntasks-per-node=1` starts one torchrun per node; they meet
-# at the job's first node (scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) on MASTER_PORT with
-# the c10d rendezvous, so any number of nodes works without further settings.
+# at the job's first node (scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) on MASTER_PORT (default
+# 20000 + job id mod 10000) with the c10d rendezvous, so any number of nodes works without further settings.
 # torchrun is started through `python -m megatron_sv.launch`: SIGUSR1 reaches the ranks (and never kills the
 # agent), and a rank's one-line error (bad argument, refused checkpoint) ends the log and sets the exit code.
 # Signals under Slurm (--signal=USR1@N, scancel [--signal=USR1], the time limit, scontrol requeue): Slurm
@@ -28,7 +28,9 @@ launch_training() {
   fi
 
   local nnodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
-  local master_addr master_port="${MASTER_PORT:-29517}"
+  # a port per job (outside Linux's ephemeral range 32768-60999): jobs sharing a node do not collide, and a
+  # requeued job finds its port free again
+  local master_addr master_port="${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}"
   master_addr="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   echo "Slurm job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $nproc ranks," \
        "rendezvous $master_addr:$master_port"

@@ -38,7 +38,7 @@
 #   CORPUS_MAX_BYTES (all) and DEFAULT_DATA_DIR (runs/data/stdlib)), TOKENIZER_MODEL (sentencepiece .model),
 #   STRATEGY (default unified), TP, PP, EP, MBS, GBS, LR, MIN_LR, LR_DECAY_STYLE (cosine), WARMUP,
 #   TRAIN_ITERS, SAVE_INTERVAL, LOG_INTERVAL, EVAL_INTERVAL, EVAL_ITERS, SAVE_DIR (checkpoints, metrics.jsonl,
-#   TensorBoard), TB_DIR, NPROC_PER_NODE, MASTER_PORT, PYTHON, EXTRA_ARGS (appended flags; a later flag wins),
+#   TensorBoard), TB_DIR, NPROC_PER_NODE, MASTER_PORT (local: 29517; Slurm: 20000 + job id mod 10000), PYTHON, EXTRA_ARGS (appended flags; a later flag wins),
 #   DRY_RUN=1 (print the launch command only).
 # Exit status: the trainer's (0 done or saved on a signal; 2 a bad argument or checkpoint, printed as the
 # last line; 3 diverged); a bad DEVICE/MODEL here exits 2 before anything starts.

@@ -14,6 +14,7 @@ name (on a real cluster, a node's hostname). We use this host's name and ``local
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -152,6 +153,7 @@ def _write_conf(root: str, host: str, nodes: List[str], munge_socket: str) -> st
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     conf = f"""\
 ClusterName=svtest{os.getpid()}
+FirstJobId={random.randint(1000, 9000)}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge

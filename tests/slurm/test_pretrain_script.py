@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from tests.helpers.distributed import find_free_port
 from tests.training.cli import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,9 +63,10 @@ def corpus(tmp_path_factory):
 
 
 def submit(cluster, save_dir, iters, *sbatch_args, data=None, **env_overrides) -> int:
-    env = dict(cluster.env, **TINY, SAVE_DIR=str(save_dir), TRAIN_ITERS=str(iters),
-               MASTER_PORT=str(find_free_port()), PYTHONPATH=ROOT)
-    for k in ("DATA_PATH", "TOKENIZER_MODEL", "DEFAULT_DATA_DIR", "NPROC_PER_NODE", "GPUS_PER_NODE"):
+    # MASTER_PORT is left to the script (derived from the job id, the same after a requeue, outside the
+    # ephemeral range where the free ports of other processes on this machine come from)
+    env = dict(cluster.env, **TINY, SAVE_DIR=str(save_dir), TRAIN_ITERS=str(iters), PYTHONPATH=ROOT)
+    for k in ("DATA_PATH", "TOKENIZER_MODEL", "DEFAULT_DATA_DIR", "NPROC_PER_NODE", "GPUS_PER_NODE", "MASTER_PORT"):
         env.pop(k, None)
     env.update(data or {})
     env.update(env_overrides)
