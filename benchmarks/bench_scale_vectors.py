@@ -19,6 +19,8 @@ storages autograd holds for backward at the end of one micro-batch's forward, wh
     python benchmarks/bench_scale_vectors.py --precisions bf16 --ranks 1 --rounds 10  # one setting
     python benchmarks/bench_scale_vectors.py --strategies all --precisions fp32 --ranks 1
     python benchmarks/bench_scale_vectors.py --quick                               # tiny shapes, checks the tool
+    python benchmarks/bench_scale_vectors.py --precisions bf16 --ranks 1 \
+        --variant 'unified+fp8=unified --fp8-format e4m3'                        # FP8 vs bf16 tokens/s (GPU)
 
 Time on the 2-core CPU at the protocol shapes: each setting takes about (strategies x (rounds + warmup + 1)
 x step time); see the estimate printed after warm-up. Key set, one precision, one rank count, 10 rounds:
@@ -32,6 +34,7 @@ import gc
 import json
 import os
 import random
+import shlex
 import socket
 import statistics
 import sys
@@ -78,8 +81,13 @@ def parse_args(argv=None):
                    help="CPU threads per setting, split evenly over its ranks")
     p.add_argument("--cli-flags", default="", help="extra pretrain_gpt_sv.py flags for every strategy "
                    "(one string), e.g. '--sv-fold-once-per-step'")
+    p.add_argument("--variant", action="append", default=[], metavar="'NAME=STRATEGY FLAGS'",
+                   help="also time STRATEGY with extra pretrain_gpt_sv.py flags, reported as NAME and against "
+                        "STRATEGY (tokens/s ratio); e.g. --variant 'unified+fp8=unified --fp8-format e4m3'")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", help="write PREFIX.json and PREFIX.md")
+    p.add_argument("--json", help="write one setting's results keyed by strategy (the format "
+                   "tools/ablation_report.py --overhead-json reads); needs one precision and one rank count")
     args = p.parse_args(argv)
     base = QUICK if args.quick else PROTOCOL
     for k, v in base.items():
@@ -90,14 +98,25 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {ALL} or 'all'")
     args.strategies = list(dict.fromkeys(["standard"] + strategies))
+    args.variants = {}
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        base, _, flags = rest.strip().partition(" ")
+        if not name or base not in ALL or name in ALL or name in args.variants:
+            p.error(f"--variant '{spec}': give 'NAME=STRATEGY FLAGS' with STRATEGY one of {ALL} and a new NAME")
+        args.variants[name] = (base, flags)
+    args.strategies += list(args.variants)
+    if args.json and (len(args.precisions) != 1 or len(args.ranks) != 1):
+        p.error("--json holds one setting: give one --precisions and one --ranks value (or use --out)")
     if args.rounds < 2:
         p.error("--rounds must be >= 2 (a median ratio with an interval needs rounds)")
     return args
 
 
 # -- one world (precision x ranks), run in spawned processes ----------------------------------------------
-def cli_flags(opts, strategy: str, precision: str, world_size: int):
-    """The pretrain_gpt_sv.py flags of one strategy in one setting."""
+def cli_flags(opts, name: str, precision: str, world_size: int):
+    """The pretrain_gpt_sv.py flags of one strategy (or variant) in one setting."""
+    strategy, extra = opts["variants"].get(name, (name, ""))
     flags = [
         "--num-layers", opts["num_layers"], "--hidden-size", opts["hidden_size"],
         "--num-attention-heads", opts["num_attention_heads"], "--group-query-attention",
@@ -113,18 +132,19 @@ def cli_flags(opts, strategy: str, precision: str, world_size: int):
     ]
     if precision == "bf16":
         flags.append("--bf16")
-    return [str(f) for f in flags] + opts["cli_flags"].split()
+    return [str(f) for f in flags] + shlex.split(opts["cli_flags"]) + shlex.split(extra)
 
 
-def _trainer(opts, strategy, precision, world_size):
+def _trainer(opts, name, precision, world_size):
     from megatron_sv.training.arguments import padded_vocab_size, parse_args as cli_parse, validate_args
     from megatron_sv.training.data import build_tokenizer_from_args
 
-    args = validate_args(cli_parse(cli_flags(opts, strategy, precision, world_size)), world_size)
+    args = validate_args(cli_parse(cli_flags(opts, name, precision, world_size)), world_size)
     tokenizer = build_tokenizer_from_args(args)
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
-    trainer = (ReferenceTrainer if strategy == MEGATRON_REFERENCE else Trainer)(args, tokenizer)
+    reference = opts["variants"].get(name, (name,))[0] == MEGATRON_REFERENCE
+    trainer = (ReferenceTrainer if reference else Trainer)(args, tokenizer)
     torch.manual_seed(1234)
     trainer.build_model()
     trainer.build_optimizer()
@@ -194,13 +214,19 @@ def measure_memory(opts, strategy, precision, world_size, batches) -> dict:
     """Peak bytes of a training step of one strategy (GPU allocator, or exact tensor accounting on CPU)."""
     gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()  # the batches and whatever an earlier strategy left
         trainer = _trainer(opts, strategy, precision, world_size)
         trainer.train_step(batches)  # optimizer state exists from here on
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         trainer.train_step(batches)
         torch.cuda.synchronize()
-        return dict(peak=float(torch.cuda.max_memory_allocated()))
+        peak = float(torch.cuda.max_memory_allocated() - baseline)
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+        return dict(peak=peak)
     before = _live_storages()
     trainer = _trainer(opts, strategy, precision, world_size)
     trainer.train_step(batches)
@@ -285,9 +311,10 @@ def median_ratio_ci(times, base, samples=BOOTSTRAP_SAMPLES, seed=0):
     return statistics.median(ratios), meds[int(0.025 * samples)], meds[int(0.975 * samples) - 1]
 
 
-def summarize(raw: dict, precision: str, world_size: int) -> list:
+def summarize(raw: dict, precision: str, world_size: int, opts: dict) -> list:
     rows = []
     base_t, mem = raw["times"]["standard"], raw["memory"]
+    tokens = opts["micro_batch_size"] * opts["seq_length"] * opts["num_microbatches"] * world_size
     for s, ts in raw["times"].items():
         med, lo, hi = median_ratio_ci(ts, base_t)
         mem_ratio = mem[s]["peak"] / mem["standard"]["peak"] if mem else None
@@ -295,11 +322,16 @@ def summarize(raw: dict, precision: str, world_size: int) -> list:
             target = f"standard >= 0.98x its speed: {'yes' if med >= 0.98 else 'no'}"
         elif s == "standard":
             target = ""
+        elif s in opts["variants"]:
+            vbase = opts["variants"][s][0]
+            vmed, vlo, vhi = median_ratio_ci(raw["times"][vbase], ts)
+            target = f"tokens/s vs {vbase}: {vmed:.3f}x ({vlo:.3f}-{vhi:.3f})"
         else:
             tt = TIME_TARGET.get(s, TIME_TARGET_DEFAULT)
             ok = med <= tt and (mem_ratio is None or mem_ratio <= MEM_TARGET)
             target = f"<= {tt:.2f}x time, <= {MEM_TARGET:.2f}x mem: {'yes' if ok else 'no'}"
         rows.append(dict(precision=precision, ranks=world_size, strategy=s, ms_per_step=statistics.median(ts) * 1e3,
+                         tokens_per_s=tokens / statistics.median(ts),
                          time_ratio=med, time_ratio_ci95=[lo, hi], peak_bytes=mem[s]["peak"] if mem else None,
                          memory_detail=mem.get(s), mem_ratio=mem_ratio,
                          sv_params=raw["sv_params"][s], target=target, rounds=len(ts)))
@@ -308,14 +340,15 @@ def summarize(raw: dict, precision: str, world_size: int) -> list:
 
 def markdown(rows, header: str) -> str:
     lines = [header, "",
-             "| precision | ranks | strategy | ms/step | time vs standard (95% CI) | peak MiB | memory vs standard "
-             "| sv params | target met |",
-             "|---|---|---|---:|---|---:|---:|---:|---|"]
+             "| precision | ranks | strategy | ms/step | tokens/s | time vs standard (95% CI) | peak MiB "
+             "| memory vs standard | sv params | target met |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         mib = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
         mr = f"{r['mem_ratio']:.3f}x" if r["mem_ratio"] is not None else "-"
         lo, hi = r["time_ratio_ci95"]
         lines.append(f"| {r['precision']} | {r['ranks']} | {r['strategy']} | {r['ms_per_step']:.0f} | "
+                     f"{r['tokens_per_s']:.0f} | "
                      f"{r['time_ratio']:.3f}x ({lo:.3f}-{hi:.3f}) | {mib} | {mr} | {r['sv_params']:,} | "
                      f"{r['target']} |")
     return "\n".join(lines) + "\n"
@@ -323,7 +356,8 @@ def markdown(rows, header: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    opts = {k: getattr(args, k) for k in list(PROTOCOL) + ["threads", "cli_flags", "skip_memory", "strategies"]}
+    opts = {k: getattr(args, k) for k in list(PROTOCOL) + ["threads", "cli_flags", "skip_memory", "strategies",
+                                                          "variants"]}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     header = (f"{'QUICK MODE (tiny shapes; not the protocol). ' if args.quick else ''}"
               f"Device: {device}; hidden {args.hidden_size}, {args.num_layers} layers, ffn {args.ffn_hidden_size}, "
@@ -336,7 +370,7 @@ def main(argv=None):
         for world_size in args.ranks:
             print(f"== {precision}, {world_size} rank(s): {' '.join(args.strategies)}", flush=True)
             t0 = time.time()
-            rows += summarize(run_setting(opts, precision, world_size), precision, world_size)
+            rows += summarize(run_setting(opts, precision, world_size), precision, world_size, opts)
             print(f"   ({(time.time() - t0) / 60:.1f} min)", flush=True)
     table = markdown(rows, header)
     print("\n" + table)
@@ -347,6 +381,9 @@ def main(argv=None):
         with open(args.out + ".md", "w") as f:
             f.write(table)
         print(f"wrote {args.out}.json and {args.out}.md")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, args=vars(args), results={r["strategy"]: r for r in rows}), f, indent=1)
 
 
 if __name__ == "__main__":
