@@ -13,7 +13,8 @@ time(strategy) / time(standard) with a bootstrap 95% interval (rounds resampled)
 Peak memory on GPU: torch.cuda.max_memory_allocated. On CPU (no allocator statistics) it is counted
 exactly from tensors: every tensor storage alive after a training step that was not alive before the
 strategy was built (parameters, DDP gradient buffers, optimizer state and any cached fold), plus the
-storages autograd holds for backward at the end of one micro-batch's forward, where a step peaks.
+storages autograd holds for backward at the end of one micro-batch's forward, where a step peaks. Memory is
+measured as each strategy is built (the ones built before sit idle), so each is built once.
 
     python benchmarks/bench_scale_vectors.py --out docs/results/overhead           # key set, full protocol
     python benchmarks/bench_scale_vectors.py --precisions bf16 --ranks 1 --rounds 10  # one setting
@@ -210,32 +211,31 @@ def _saved_for_backward_bytes(trainer, batch) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
-def measure_memory(opts, strategy, precision, world_size, batches) -> dict:
-    """Peak bytes of a training step of one strategy (GPU allocator, or exact tensor accounting on CPU)."""
+def build_and_measure(opts, name, precision, world_size, batches, measure: bool):
+    """Build one strategy's trainer and step it once; with ``measure`` also its peak memory: on GPU the
+    allocator's peak during a second step above what was allocated before it was built, on CPU exact
+    tensor accounting (storages that appeared with it, plus one micro-batch's saved-for-backward)."""
     gc.collect()
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()  # the batches and whatever an earlier strategy left
-        trainer = _trainer(opts, strategy, precision, world_size)
-        trainer.train_step(batches)  # optimizer state exists from here on
+        baseline = torch.cuda.memory_allocated()  # batches and the strategies built before (idle)
+    elif measure:
+        before = _live_storages()
+    trainer = _trainer(opts, name, precision, world_size)
+    trainer.train_step(batches)  # optimizer state exists from here on
+    if not measure:
+        return trainer, None
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         trainer.train_step(batches)
         torch.cuda.synchronize()
-        peak = float(torch.cuda.max_memory_allocated() - baseline)
-        del trainer
-        gc.collect()
-        torch.cuda.empty_cache()
-        return dict(peak=peak)
-    before = _live_storages()
-    trainer = _trainer(opts, strategy, precision, world_size)
-    trainer.train_step(batches)
+        return trainer, dict(peak=float(torch.cuda.max_memory_allocated() - baseline))
     gc.collect()
     static = sum(n for ptr, n in _live_storages().items() if ptr not in before)
     saved = _saved_for_backward_bytes(trainer, batches[0])
-    del trainer
-    gc.collect()
-    return dict(peak=float(static + saved), static=float(static), saved_for_backward=float(saved))
+    return trainer, dict(peak=float(static + saved), static=float(static), saved_for_backward=float(saved))
 
 
 def _world_main(rank, world_size, port, opts, precision, result_path):
@@ -250,7 +250,11 @@ def _world_main(rank, world_size, port, opts, precision, result_path):
         strategies = opts["strategies"]
         device = current_device()
         batches = _batches(opts, device)
-        trainers = {s: _trainer(opts, s, precision, world_size) for s in strategies}
+        trainers, memory = {}, {}
+        for s in strategies:
+            trainers[s], mem = build_and_measure(opts, s, precision, world_size, batches, not opts["skip_memory"])
+            if mem is not None:
+                memory[s] = mem
         sv_params = {s: parameter_report([t.model.module]).scale_vector_params for s, t in trainers.items()}
         for _ in range(opts["warmup"]):  # the last warm-up round estimates a round's time
             t_warm = time.perf_counter()
@@ -272,11 +276,6 @@ def _world_main(rank, world_size, port, opts, precision, result_path):
             if rank == 0:
                 print(f"  round {r + 1}/{opts['rounds']}: "
                       + ", ".join(f"{s} {times[s][-1] * 1e3:.0f} ms" for s in strategies), flush=True)
-        del trainers
-        memory = {}
-        if not opts["skip_memory"]:
-            for s in strategies:
-                memory[s] = measure_memory(opts, s, precision, world_size, batches)
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(dict(times=times, memory=memory, sv_params=sv_params), f)

@@ -1,6 +1,7 @@
 """GPU check of the backends: bf16 vs FP8 loss agreement and throughput ratios, in one process.
 
-Not a test; run by benchmarks/gpu_check.sh on one GPU (single process, NCCL, world size 1).
+Not a test; for a GPU machine with Transformer Engine (benchmarks/gpu_check.sh covers machines without
+it): one GPU, single process, NCCL, world size 1.
 
   1. FP8 (Transformer Engine only): ``standard`` and ``unified`` trained for --steps steps in bf16 and
      in FP8 from the same weights on the same data; prints the loss curves' differences. Without TE it
