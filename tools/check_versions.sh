@@ -52,7 +52,9 @@ tests=(
 )
 echo "== pytest ${tests[*]}"
 set +e
-CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" "$@"
+# a longer per-test limit than the suite's 300 s: this check often runs on a busy machine
+CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --timeout 900 \
+    "${tests[@]}" "$@"
 rc=$?
 set -e
 end=$(date +%s)

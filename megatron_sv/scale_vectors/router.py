@@ -16,8 +16,9 @@ from .vector import ScaleVector, VectorSpec
 
 
 class ScaledTopKRouter(TopKRouter):
-    def __init__(self, config, pg_collection=None, *, sv: ScaleVectorConfig):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, *, sv: ScaleVectorConfig, **router_kwargs):
+        # router_kwargs: what newer megatron-core passes on (0.19: is_mtp_layer), handed through unchanged
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         self.sv = sv
         tp_group = self.tp_group if hasattr(self, "tp_group") else None
         tp = tp_group.size() if tp_group is not None else 1
