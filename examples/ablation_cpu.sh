@@ -18,7 +18,7 @@
 # Environment: STUDY, OUT (runs, default runs/<study name>), RESULTS (default docs/results/<study name>),
 # NICE (default 10), DEADLINE_MIN (start no new run after this many minutes), OVERHEAD=1 (also measure the
 # step time and memory of the compared strategies at the 4-layer d=128 shape with benchmarks/bench_scale_vectors.py
-# into $RESULTS/overhead.md/.json, quoted by the report; needs a quiet machine), PYTHON.
+# into $RESULTS/overhead.json/.txt, tabled by the report; needs a quiet machine), PYTHON.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -53,8 +53,8 @@ if [ -n "${OVERHEAD:-}" ]; then  # the compared strategies at this model's shape
   nice -n "$NICE" "$PYTHON" benchmarks/bench_scale_vectors.py --strategies standard none hg dnp unified \
     --precisions fp32 --ranks 1 --num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-query-groups 4 \
     --ffn-hidden-size 384 --vocab-size 8000 --seq-length 256 --micro-batch-size 8 --num-microbatches 1 \
-    --rounds 10 --warmup 2 --threads 2 --out "$RESULTS/overhead"
-  OVERHEAD_ARGS=(--overhead-md "$RESULTS/overhead.md")
+    --rounds 10 --warmup 2 --threads 2 --json "$RESULTS/overhead.json" | tee "$RESULTS/overhead.txt"
+  OVERHEAD_ARGS=(--overhead-json "$RESULTS/overhead.json")
 fi
 "$PYTHON" tools/ablation_report.py --runs "$OUT" --out "$RESULTS" --export-logs "$RESULTS/logs" \
   "${OVERHEAD_ARGS[@]}" > /dev/null

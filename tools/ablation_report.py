@@ -316,6 +316,23 @@ def pairing_section(plan: Plan, logs: Dict[str, RunLog]) -> List[str]:
             f"same seed: largest |difference| over {len(diffs)} runs = {worst[0]:.2e} ({worst[1]}).", ""]
 
 
+def overhead_section(path: str) -> List[str]:
+    """The cost of each strategy, from benchmarks/bench_scale_vectors.py --json (one precision and rank count)."""
+    with open(path) as f:
+        o = json.load(f)
+    try:
+        rows = [[f"`{s}`", f"{r['ms_per_step']:.1f}",
+                 f"{r['time_ratio']:.3f}x" + (f" ({r['time_ratio_ci95'][0]:.3f}-{r['time_ratio_ci95'][1]:.3f})"
+                                              if r.get("time_ratio_ci95") else ""),
+                 f"{r['mem_ratio']:.3f}x" if r.get("mem_ratio") is not None else "–", f"{r['sv_params']:,}"]
+                for s, r in o["results"].items()]
+    except (KeyError, TypeError) as e:
+        raise ReportError(f"{path} is not a benchmarks/bench_scale_vectors.py --json file (missing {e})") from None
+    return ["## Overhead (benchmarks/bench_scale_vectors.py, strategies side by side)", "", o.get("header", ""), "",
+            _table(["strategy", "ms/step", "step time vs standard (95% CI)", "peak memory vs standard",
+                    "scale-vector parameters"], rows), ""]
+
+
 # ---------------------------------------------------------------------------------------------- csv
 def write_runs_csv(plan: Plan, logs: Dict[str, RunLog], study: Study, path: str, last_n: int) -> None:
     stage_of: Dict[str, List[str]] = {}
@@ -485,7 +502,7 @@ def plot_efficiency(study: Study, plan: Plan, logs: Dict[str, RunLog], cmp_data,
 
 # ---------------------------------------------------------------------------------------------- main
 def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Sequence[str] = ("standard", "standard+qk"),
-                 overhead_md: Optional[str] = None, plots: bool = True, allow_incomplete: bool = False) -> dict:
+                 overhead_json: Optional[str] = None, plots: bool = True, allow_incomplete: bool = False) -> dict:
     study, logs = load(runs_root)
     plan = study_plan(study, logs)
     missing = unfinished(plan, logs)
@@ -515,9 +532,8 @@ def build_report(runs_root: str, out_dir: str, last_n: int = 20, references: Seq
     eff_md, _, eff = efficiency_section(study, plan, logs, cmp_data) if study.compare else ([], [], {})
     wd_md, wd_data = wd_section(study, plan, logs, last_n) if study.weight_decay else ([], {})
     md += sweep_md + cmp_md + eff_md + wd_md + pairing_section(plan, logs)
-    if overhead_md:
-        with open(overhead_md) as f:
-            md += ["## Overhead (benchmarks/bench_scale_vectors.py, strategies side by side)", "", f.read().strip(), ""]
+    if overhead_json:
+        md += overhead_section(overhead_json)
     text = "\n".join(md)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
@@ -554,7 +570,7 @@ def main(argv=None) -> int:
                    help="first copy the small per-run logs here (to commit them), then report from them")
     p.add_argument("--last-n", type=int, default=20, help="final train loss = mean of the last N steps")
     p.add_argument("--references", nargs="+", default=["standard", "standard+qk"])
-    p.add_argument("--overhead-md", default=None, help="the Markdown table of benchmarks/bench_scale_vectors.py --out")
+    p.add_argument("--overhead-json", default=None, help="benchmarks/bench_scale_vectors.py --json output (one setting)")
     p.add_argument("--allow-incomplete", action="store_true", help="report a study whose runs are not all done")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
@@ -568,7 +584,7 @@ def main(argv=None) -> int:
                 print(f"warning: git ignores {a.export_logs}: these logs would not be committed (.gitignore excludes "
                       "every folder named runs/; use docs/results/<study>/logs)", file=sys.stderr)
             runs = a.export_logs
-        rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_md, not a.no_plots, a.allow_incomplete)
+        rep = build_report(runs, a.out, a.last_n, a.references, a.overhead_json, not a.no_plots, a.allow_incomplete)
     except (ReportError, StudyError, RunLogError, OSError) as e:
         print(f"ablation_report.py: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ expected numbers are computed by hand here), its refusal of empty or unfinished 
 regeneration from the exported (committed) logs."""
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -54,8 +55,12 @@ def study_dir(tmp_path):
 
 def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     out = str(tmp_path / "report")
-    (tmp_path / "overhead.md").write_text("| precision | strategy |\n|---|---|\n| fp32 | unified |\n")
-    rep = report.build_report(study_dir, out, last_n=5, overhead_md=str(tmp_path / "overhead.md"), plots=False)
+    (tmp_path / "overhead.json").write_text(json.dumps({"header": "CPU, fp32, 1 rank", "results": {
+        "standard": {"ms_per_step": 10.0, "time_ratio": 1.0, "time_ratio_ci95": [1.0, 1.0], "mem_ratio": 1.0,
+                     "sv_params": 1234},
+        "unified": {"ms_per_step": 11.0, "time_ratio": 1.1, "time_ratio_ci95": [1.05, 1.15], "mem_ratio": 1.01,
+                    "sv_params": 2000}}}))
+    rep = report.build_report(study_dir, out, last_n=5, overhead_json=str(tmp_path / "overhead.json"), plots=False)
     plan = rep["plan"]
     assert plan.best_lr == {"standard": 0.002, "unified": 0.004}
     rows = {r["config"]: r for r in rep["summary"]}
@@ -89,7 +94,7 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     assert "+wd=iwd` | 3.0700" in md and "-0.0300 t95" in md and "(2/2 lower)" in md
     assert f"{0.5 * 0.002 * 20:.3f} (wd 0.5 x Σlr {0.002 * 20:.3f})" in md
     assert "largest |difference|" in md and "0.00e+00" in md  # hg starts as standard on each seed
-    assert "## Overhead" in md and "| fp32 | unified |" in md
+    assert "| `unified` | 11.0 | 1.100x (1.050-1.150) | 1.010x | 2,000 |" in md
     assert f"Code version(s) of the runs' attempts (git commit): `unknown` ({len(plan.runs)} runs)" in md
 
     with open(os.path.join(out, "summary.csv")) as f:
