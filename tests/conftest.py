@@ -14,6 +14,24 @@ import pytest  # noqa: E402
 os.environ.setdefault("MEGATRON_SV_FUSED_KERNELS", "eager")
 
 
+from tests.helpers.processes import SESSION, TAG_VAR, kill_tagged, reap_registered  # noqa: E402
+
+# every process the suite starts (directly or not) inherits the session tag; jobs get tags below it
+os.environ[TAG_VAR] = SESSION
+
+
+@pytest.fixture(autouse=True)
+def _reap_jobs():
+    """Kill the background jobs a test started (tests/training/cli.start), also when it failed."""
+    yield
+    reap_registered()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the suite started outlives it (orphaned checkpoint-writer helpers included)."""
+    kill_tagged(SESSION)
+
+
 @pytest.fixture(scope="session")
 def megatron_single_rank():
     """Megatron-Core parallel state on one in-process rank (gloo on CPU, NCCL on a GPU), TP=PP=EP=1."""

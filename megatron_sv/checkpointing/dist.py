@@ -9,9 +9,10 @@ One checkpoint holds
 plus one small RNG file per rank (``rng/rank_NNNNN.pt``), restored only when the layout is unchanged.
 
 Because sharded tensors are addressed by their global offsets, a checkpoint saved at one TP/PP/DP layout
-loads at another. Every file is read with ``torch.load(weights_only=True)`` (Megatron-Core's common-state
-loader relies on torch's default, which is ``weights_only=True`` since torch 2.6): nothing in the
-checkpoint may need arbitrary unpickling.
+loads at another. Nothing in a checkpoint may need arbitrary unpickling: before anything reads it,
+``load_common`` checks every pickled file with an allowlist (checkpointing.safe_load: a restricted
+unpickler for torch's ``.metadata``, ``torch.load(weights_only=True)`` for the rest), since torch's
+reader unpickles ``.metadata`` with plain pickle and non-tensor items with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, read_tracker, write_tracker
+from megatron_sv.checkpointing.layout import (
+    CheckpointError,
+    checkpoint_dir,
+    read_tracker,
+    remove_incomplete_before,
+    write_tracker,
+)
+from megatron_sv.checkpointing.safe_load import verify_checkpoint_files
 
 # Distributed-optimizer state format (megatron-core 0.16.1): "fully_reshardable" gathers the optimizer
 # state of each data-parallel group on its DP rank 0 at save time and stores it per model parameter, so
@@ -240,6 +248,7 @@ def save_checkpoint(
         if rank == 0:
             write_tracker(root, iteration)
             log(f"saved checkpoint of iteration {iteration} to {ckpt}")
+            remove_incomplete_before(root, iteration)
 
     if async_queue is None:
         finalize()
@@ -250,9 +259,9 @@ def save_checkpoint(
 
 
 def load_common(root: str, iteration: int) -> Dict[str, Any]:
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration))
+    """The checkpoint's common state, after every pickled file of it passed the allowlist check
+    (checkpointing.safe_load): called before anything else reads the checkpoint."""
+    return verify_checkpoint_files(checkpoint_dir(root, iteration))
 
 
 def load_checkpoint(

@@ -33,16 +33,33 @@ Log = Callable[[str], None]
 # ----------------------------------------------------------------------------------------------------
 # shared checks
 # ----------------------------------------------------------------------------------------------------
-def check_output_dir(out: str, overwrite: bool) -> None:
+# written into every output directory: --overwrite replaces only a directory that carries it
+OUTPUT_MARKER = ".megatron_sv_conversion_output"
+
+
+def check_output_dir(out: str, overwrite: bool, source: Optional[str] = None) -> None:
+    """Refuse an output that overlaps the input, and a non-empty output unless --overwrite is given and
+    the directory is an earlier output of this tool: --overwrite never deletes what it did not write."""
+    real_out = os.path.realpath(out)
+    if source is not None:
+        real_src = os.path.realpath(source)
+        if real_out == real_src or real_src.startswith(real_out + os.sep) or real_out.startswith(real_src + os.sep):
+            raise ConversionError(f"output {out!r} overlaps the input {source!r} (one is, or contains, the "
+                                  "other); choose an output directory outside the input")
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ConversionError(f"output {out!r} exists and is not a directory")
         if os.listdir(out) and not overwrite:
             raise ConversionError(f"output directory {out!r} is not empty; pass --overwrite to replace it")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, OUTPUT_MARKER)):
+            raise ConversionError(f"--overwrite replaces only an earlier output of convert_checkpoint.py, and "
+                                  f"{out!r} is not one (no {OUTPUT_MARKER}); remove it yourself or choose "
+                                  "another directory")
 
 
 class _Staging:
-    """A fresh directory beside ``out``; ``commit()`` replaces ``out`` with it, otherwise it is removed."""
+    """A fresh directory beside ``out``; ``commit()`` swaps it into place (an earlier output, checked by
+    check_output_dir, is moved aside first and deleted only after the swap), otherwise it is removed."""
 
     def __init__(self, out: str):
         self.out = os.path.abspath(out)
@@ -51,9 +68,17 @@ class _Staging:
         self.path = tempfile.mkdtemp(prefix=".convert-", dir=parent)
 
     def commit(self) -> None:
+        with open(os.path.join(self.path, OUTPUT_MARKER), "w") as f:
+            f.write("written by tools/convert_checkpoint.py; --overwrite may replace this directory\n")
+        old = None
         if os.path.exists(self.out):
-            shutil.rmtree(self.out)
+            if os.listdir(self.out) and not os.path.isfile(os.path.join(self.out, OUTPUT_MARKER)):
+                raise ConversionError(f"{self.out!r} changed during the conversion; not replacing it")
+            old = tempfile.mkdtemp(prefix=".convert-old-", dir=os.path.dirname(self.out))
+            os.replace(self.out, os.path.join(old, "out"))
         os.replace(self.path, self.out)
+        if old is not None:
+            shutil.rmtree(old)
 
     def __enter__(self):
         return self
@@ -128,7 +153,7 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
     from megatron_sv.checkpointing.model_io import (load_common_state, read_checkpoint_args, shape_from_args,
                                                     sv_config_from_args)
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, source=load)
     iteration, args = read_checkpoint_args(load)
     shape, sv = shape_from_args(args), sv_config_from_args(args)
     _export_checks(shape, sv)
@@ -287,7 +312,7 @@ def import_from_hf(hf_dir: str, out: str, *, strategy: str = "standard", sv_over
     from megatron_sv.checkpointing.model_io import args_for_model, pretrain_flags
     from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, source=hf_dir)
     hf = H.read_hf_config(hf_dir)
     reader = H.SafetensorsReader(hf_dir)
     fused = H.check_hf_tensors(reader, hf, hf_dir)
@@ -367,9 +392,7 @@ def convert_megatron(load: str, out: str, *, strategy: Optional[str] = None, sv_
                                                     read_checkpoint_args, shape_from_args, sv_config_from_args)
     from megatron_sv.scale_vectors.config import strategy_config
 
-    check_output_dir(out, overwrite)
-    if os.path.abspath(out) == os.path.abspath(load):
-        raise ConversionError("the output directory must differ from --load")
+    check_output_dir(out, overwrite, source=load)
     iteration, src_args = read_checkpoint_args(load)
     common = load_common_state(load, iteration)
     src_shape, src_sv = shape_from_args(src_args), sv_config_from_args(src_args)

@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -329,10 +330,16 @@ def check_conditional_flags(args: argparse.Namespace) -> None:
             setattr(args, flag.dest, flag.default)
 
 
+FINITE_FLOATS = ["lr", "min_lr", "clip_grad", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                 "init_method_std", "norm_epsilon", "moe_aux_loss_coeff", "exit_duration_in_mins",
+                 "distributed_timeout_minutes"]
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Check every flag before any work; add derived fields (data_parallel_size, num_microbatches,
     lr_decay_iters, scale-vector config). Raises ArgumentError."""
     from megatron_sv.checkpointing import CheckpointError, check_load_dir, check_save_dir
+    from megatron_sv.checkpointing.layout import check_free_space
     from megatron_sv.scale_vectors.config import strategy_config
 
     world_size = world_size_from_env() if world_size is None else world_size
@@ -347,7 +354,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                 "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size", "eval_interval", "log_interval", "make_vocab_size_divisible_by"]
-    for name in positive:
+    for name in FINITE_FLOATS:  # NaN passes every comparison below, inf most of them
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            _fail(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    for name in positive + ["global_batch_size", "lr_decay_iters", "exit_interval"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             _fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_iters < 0:
@@ -528,9 +538,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--finetune needs --load")
     try:
         if args.load:
-            check_load_dir(args.load, allow_empty=(args.save is not None and _same_dir(args.load, args.save)))
+            check_load_dir(args.load, allow_empty=(args.save is not None and _same_dir(args.load, args.save)),
+                           warn=_warn_once)
         if args.save:
             check_save_dir(args.save, args.load)
+            check_free_space(args.save, _checkpoint_bytes_estimate(args), warn=_warn_once)
     except CheckpointError as e:
         _fail(str(e))
     return args
@@ -556,6 +568,23 @@ def _check_local_fp8(args: argparse.Namespace, groups: int) -> None:
             check_fp8_capability(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     except FP8Unsupported as e:
         _fail(str(e))
+
+
+def _warn_once(msg: str) -> None:
+    """Validation runs on every rank; warnings are printed by rank 0."""
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _checkpoint_bytes_estimate(args: argparse.Namespace) -> int:
+    """A rough checkpoint size for the free-space warning: fp32 weights and two Adam moments (plus the
+    bf16 copy), embeddings with the vocabulary if known."""
+    h, layers = args.hidden_size, args.num_layers
+    ffn = args.ffn_hidden_size or 4 * h
+    mlp = (3 if args.swiglu else 2) * h * ffn * (args.num_experts or 1)
+    embeddings = (args.vocab_size or 0) * h * (2 if args.untie_embeddings_and_output_weights else 1)
+    params = layers * (4 * h * h + mlp) + embeddings
+    return params * (14 if args.bf16 else 12)
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -71,7 +71,7 @@ def gradients_are_finite(ddp_model, device) -> bool:
 
 
 class Trainer:
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, exit_handler=None):
         from megatron.core import parallel_state as ps
 
         from megatron_sv.platform import current_device
@@ -89,6 +89,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.async_queue = None
+        self.exit_handler = exit_handler  # training.signals.ExitSignalHandler, installed by main()
 
     # ------------------------------------------------------------------ setup
     def build_model(self):
@@ -326,8 +327,9 @@ class Trainer:
             self.out.scalars(self.iteration, merged, prefix="scale_vectors/")
 
     # ------------------------------------------------------------------ loop
-    def _exit_flags(self, handler) -> torch.Tensor:
+    def _exit_flags(self) -> torch.Tensor:
         a = self.args
+        handler = self.exit_handler
         flags = torch.zeros(2, dtype=torch.int32, device=self.device)
         if handler is not None and handler.received:
             flags[0] = 1
@@ -338,10 +340,9 @@ class Trainer:
 
     def run(self) -> int:
         from megatron_sv.training.data import MicroBatchSampler, micro_batches
-        from megatron_sv.training.signals import ExitSignalHandler
 
         a = self.args
-        handler = ExitSignalHandler().install() if a.exit_signal_handler else None
+        handler = self.exit_handler
         try:
             self.build_model()
             self.build_optimizer()
@@ -392,7 +393,7 @@ class Trainer:
                     window_t, window_n = time.time(), 0
                 if a.eval_iters and self.iteration % a.eval_interval == 0 and self.iteration < a.train_iters:
                     self.evaluate()
-                flags = self._exit_flags(handler)
+                flags = self._exit_flags()
                 if flags[0]:
                     exit_reason = f"received {handler.name if handler and handler.received else 'a signal'}"
                 elif flags[1]:
@@ -417,8 +418,6 @@ class Trainer:
                            + (f"; wandb run in {self.out.wandb.dir}" if self.out.wandb is not None else ""))
             return EXIT_OK
         finally:
-            if handler is not None:
-                handler.restore()
             self.out.close()
 
     def _setup_async(self):
@@ -446,14 +445,17 @@ def run(args) -> int:
 
     from megatron_sv.checkpointing import CheckpointError
     from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.training.signals import ExitSignalHandler
 
+    # before the process group's threads and any helper process exist: they inherit the signal block
+    handler = ExitSignalHandler().install() if args.exit_signal_handler else None
     initialize_distributed(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
     try:
-        return Trainer(args, tokenizer).run()
+        return Trainer(args, tokenizer, exit_handler=handler).run()
     except TrainingDivergedError as e:
         if torch.distributed.get_rank() == 0:
                 print(f"pretrain_gpt_sv.py: training diverged at {e}; stopping without saving "
@@ -465,3 +467,5 @@ def run(args) -> int:
         return EXIT_BAD_ARGS
     finally:
         destroy_distributed()
+        if handler is not None:
+            handler.restore()

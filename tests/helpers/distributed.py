@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
+from tests.helpers.processes import TAG_VAR, kill_tagged, new_tag
+
 
 class DistributedTestError(RuntimeError):
     pass
@@ -72,9 +74,12 @@ def run_distributed(
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         **(env or {}),
     }
-    # OMP_NUM_THREADS must be in the environment before the child imports torch
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
+    # OMP_NUM_THREADS must be in the environment before the child imports torch; the job tag lets the
+    # teardown find the ranks' helper processes even after a killed rank orphaned them
+    tag = new_tag()
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", TAG_VAR)}
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ[TAG_VAR] = tag
     procs = []
     try:
         for rank in range(world_size):
@@ -130,6 +135,7 @@ def run_distributed(
                 p.kill()
         for p in procs:
             p.join(timeout=10)
+        kill_tagged(tag)
 
     if failures:
         parts = [f"--- rank {r} ---\n{failures[r]}" for r in sorted(failures)]

@@ -11,6 +11,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from tests.helpers.distributed import find_free_port
+from tests.helpers.processes import TAG_VAR, kill_tagged, register, tagged_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY = os.path.join(ROOT, "pretrain_gpt_sv.py")
@@ -43,15 +44,34 @@ def env() -> Dict[str, str]:
 
 
 def run(args: Sequence[str], nproc: int = 2, timeout: float = 240, extra_env: Optional[Dict] = None):
-    e = env()
+    """Run to completion; whatever the job leaves behind (on timeout, or helpers of killed ranks) is
+    killed before returning."""
+    e = tagged_env(env())
     e.update(extra_env or {})
-    return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        kill_tagged(e[TAG_VAR])
 
 
-def start(args: Sequence[str], nproc: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(command(args, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(args: Sequence[str], nproc: int = 2, ignore_sigusr1: bool = False) -> subprocess.Popen:
+    """Start in the background. The test's teardown kills the whole job (tests/conftest.py), also when
+    the test fails. ``ignore_sigusr1``: torchrun ignores SIGUSR1 as examples/pretrain_gpt_sv.sh makes it
+    do under Slurm (its default action would kill it); the ranks handle it."""
+    e = tagged_env(env())
+    register(e[TAG_VAR])
+    preexec = (lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) if ignore_sigusr1 else None
+    proc = subprocess.Popen(command(args, nproc), cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=preexec)
+    proc.tag = e[TAG_VAR]
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill the job: torchrun, the ranks (each in a session of its own) and their helpers."""
+    kill_tagged(proc.tag)
+    proc.wait(timeout=30)
 
 
 def read_metrics(path: str, kind: str = "train") -> Dict[int, Dict]:
@@ -79,7 +99,7 @@ def wait_for_iteration(path: str, iteration: int, proc: subprocess.Popen, timeou
             raise AssertionError(f"run ended (rc {proc.returncode}) before iteration {iteration}:\n"
                                  + proc.stdout.read())
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    stop(proc)
     raise AssertionError(f"iteration {iteration} not reached in {timeout} s")
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 
 import pytest
 
 from megatron_sv.checkpointing import read_tracker
-from tests.training.cli import TINY, check, losses, read_metrics, run, start, wait_for_iteration
+from tests.training.cli import TINY, check, losses, read_metrics, run
 
 ITERS = 4
 
@@ -58,38 +57,6 @@ def test_resume_matches_uninterrupted_and_reshards(tmp_path):
     assert sorted(got) == [4, 5, 6]
     for i in got:
         assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
-
-
-def test_sigterm_saves_loadable_checkpoint(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    metrics = str(tmp_path / "m.jsonl")
-    args = [*TINY, "--train-iters", "100000", "--lr-decay-iters", "1000", "--save", ckpt, "--load", ckpt,
-            "--metrics-file", metrics]
-    proc = start(args)
-    wait_for_iteration(metrics, 2, proc)
-    os.kill(proc.pid, signal.SIGTERM)  # torchrun forwards it to the ranks
-    out, _ = proc.communicate(timeout=120)
-    assert "received SIGTERM" in out, out[-3000:]
-    k = read_tracker(ckpt)
-    assert k is not None and k >= 2, out[-3000:]
-    assert max(read_metrics(metrics)) == k
-    # the checkpoint loads and training continues from k + 1
-    check(run([*TINY, "--train-iters", str(k + 1), "--lr-decay-iters", "1000", "--load", ckpt,
-               "--metrics-file", str(tmp_path / "after.jsonl")]))
-    assert sorted(losses(str(tmp_path / "after.jsonl"))) == [k + 1]
-
-
-def test_sigusr1_saves_and_exits(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    metrics = str(tmp_path / "m.jsonl")
-    proc = start([*TINY, "--train-iters", "100000", "--lr-decay-iters", "1000", "--save", ckpt,
-                  "--metrics-file", metrics], nproc=1)
-    wait_for_iteration(metrics, 1, proc)
-    os.kill(proc.pid, signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    assert "received SIGUSR1" in out
-    assert read_tracker(ckpt) == max(read_metrics(metrics))
 
 
 def test_nan_stops_with_iteration_and_keeps_checkpoint(tmp_path):
