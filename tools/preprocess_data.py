@@ -41,6 +41,8 @@ def get_args(argv=None):
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset even when no document survives (refused by default)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     g.add_argument("--log-interval", type=int, default=1000, help="progress line every N documents")
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
             log_interval=args.log_interval,
             on_malformed=args.on_malformed,
             overwrite=args.overwrite,
+            allow_empty=args.allow_empty,
         )
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
         kind = "malformed input" if isinstance(e, MalformedInputError) else type(e).__name__

@@ -18,11 +18,13 @@ reader unpickles ``.metadata`` with plain pickle and non-tensor items with ``wei
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sv.checkpointing.layout import (
     CheckpointError,
@@ -237,11 +239,14 @@ def save_checkpoint(
     state["iteration"] = iteration
     state.update(extra or {})
     strategy = get_default_save_sharded_strategy("torch_dist")
-    request = dist_checkpointing.save(state, ckpt, sharded_strategy=strategy,
-                                      async_sharded_save=async_queue is not None)
-    # after save(): it warns about non-empty directories
-    os.makedirs(os.path.dirname(_rng_path(ckpt, rank)), exist_ok=True)
-    torch.save(_rng_state(), _rng_path(ckpt, rank))
+    try:
+        request = dist_checkpointing.save(state, ckpt, sharded_strategy=strategy,
+                                          async_sharded_save=async_queue is not None)
+        # after save(): it warns about non-empty directories
+        os.makedirs(os.path.dirname(_rng_path(ckpt, rank)), exist_ok=True)
+        torch.save(_rng_state(), _rng_path(ckpt, rank))
+    except SAVE_ERRORS as e:  # every rank fails together (dcp gathers the write results)
+        raise save_failed(e, root, iteration) from None
 
     def finalize():
         _barrier()
@@ -256,6 +261,44 @@ def save_checkpoint(
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     return ckpt
+
+
+# torch.distributed.checkpoint's CheckpointException (all ranks' write failures) is a BaseException
+SAVE_ERRORS = (Exception, CheckpointException)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        # torch.save's stream writer reports a short write as "unexpected pos N vs M"
+        if "No space left on device" in text or "[Errno 28]" in text or "unexpected pos" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def save_failed(exc: BaseException, root: str, iteration: int) -> CheckpointError:
+    """One line for a failed save (sync, or an async one at finalization). The tracker still names the
+    previous checkpoint; the incomplete directory is removed (rank 0), which also frees the space."""
+    try:
+        previous = read_tracker(root)
+    except CheckpointError:
+        previous = None
+    ckpt = checkpoint_dir(root, iteration)
+    if _rank() == 0 and previous != iteration:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if _is_disk_full(exc):
+        cause = "the disk is full (no space left on device)"
+    else:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        cause = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+    kept = f"the previous checkpoint (iteration {previous}) is kept" if previous is not None else \
+        "no earlier checkpoint exists"
+    return CheckpointError(f"saving iteration {iteration} to {ckpt} failed: {cause}; {kept}")
 
 
 def load_common(root: str, iteration: int) -> Dict[str, Any]:

@@ -55,8 +55,21 @@ def read_hf_config(path: str) -> HFModel:
         raise ConversionError(f"Hugging Face model directory {path!r} does not exist")
     if not os.path.isfile(cfg_path):
         raise ConversionError(f"{path!r} has no config.json (missing file)")
-    with open(cfg_path) as f:
-        c = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            c = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise ConversionError(f"{cfg_path}: expected a JSON object, found {type(c).__name__}")
+    try:
+        return _hf_model(c, path)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"bad value ({e})"
+        raise ConversionError(f"{cfg_path}: {what}") from None
+
+
+def _hf_model(c: dict, path: str) -> HFModel:
     mt = c.get("model_type")
     if mt in REFUSED_MODEL_TYPES:
         raise ConversionError(f"model_type {mt!r} is not supported: {REFUSED_MODEL_TYPES[mt]}")
@@ -138,7 +151,14 @@ class SafetensorsReader:
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
                 raise ConversionError(f"{path!r}: shard {name} named by the index is missing (missing file)")
-        self._handles = {n: safe_open(os.path.join(path, n), framework="pt") for n in files}
+        self._handles = {}
+        for n in files:
+            try:
+                self._handles[n] = safe_open(os.path.join(path, n), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types: one line naming the file
+                raise ConversionError(f"{os.path.join(path, n)}: not a readable safetensors file ({e}); "
+                                      "truncated or corrupt") from None
+        self._path = path
         self._where: Dict[str, str] = {}
         for n, h in self._handles.items():
             for k in h.keys():
@@ -155,7 +175,15 @@ class SafetensorsReader:
         return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key).float()
+        """The tensor in fp32; refuses unreadable data and non-finite values (which would train as NaN)."""
+        file = os.path.join(self._path, self._where[key])
+        try:
+            t = self._handles[self._where[key]].get_tensor(key).float()
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{file}: tensor {key} is unreadable ({e}); truncated or corrupt") from None
+        if not bool(torch.isfinite(t).all()):
+            raise ConversionError(f"{file}: tensor {key} has non-finite values (NaN or inf); refusing to import it")
+        return t
 
 
 def expected_hf_tensors(hf: HFModel, fused_experts: bool) -> Dict[str, Tuple[int, ...]]:

@@ -17,6 +17,8 @@ import os
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from megatron_sv.data.verify import check_datasets, data_stamp
+
 _SPLIT_SEPARATORS = re.compile(r"[,/]")
 
 
@@ -165,6 +167,11 @@ def build_train_valid_test_datasets(
             raise ValueError("data_path is required unless mock=True")
         blend = parse_blend(data_path)
         check_dataset_files(blend[0])
+        check_datasets(blend[0], tokenizer.vocab_size)
+        # the index cache (document/sample/shuffle indices) is keyed by the files' size and modification
+        # time too: regenerated data must not reuse the indices of the old files
+        base = cache_dir or os.path.join(os.path.dirname(os.path.abspath(blend[0][0])), "cache")
+        cache_dir = os.path.join(base, f"data-{data_stamp(blend[0])}")
 
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -37,6 +37,10 @@ class MalformedInputError(ValueError):
     pass
 
 
+class EmptyDatasetError(ValueError):
+    """No document survived (empty inputs, or every line skipped): training could not use it."""
+
+
 @dataclass
 class PreprocessStats:
     num_docs: int = 0  # documents read (valid jsonl lines / text files)
@@ -220,6 +224,7 @@ def preprocess(
     unit_docs: int = 1024,
     max_inflight_bytes: int = 64 << 20,
     log: Optional[TextIO] = None,
+    allow_empty: bool = False,
 ) -> PreprocessStats:
     log = log if log is not None else sys.stderr
     if on_malformed not in ("fail", "skip"):
@@ -293,6 +298,11 @@ def preprocess(
                 if log_interval > 0 and stats.num_docs >= next_log:
                     progress()
                     next_log = (stats.num_docs // log_interval + 1) * log_interval
+            empty = [prefixes[k] for k in json_keys if stats.num_written[k] == 0]
+            if empty and not allow_empty:  # raised inside the writers: nothing is written
+                raise EmptyDatasetError(
+                    f"{empty[0]}: no documents to write ({stats.num_docs} read, all empty or skipped); "
+                    "refusing to write an empty dataset (--allow-empty to write it anyway)")
         pool.close()
     finally:
         pool.terminate()

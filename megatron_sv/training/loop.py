@@ -89,6 +89,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.async_queue = None
+        self._async_iteration = 0
         self.exit_handler = exit_handler  # training.signals.ExitSignalHandler, installed by main()
 
     # ------------------------------------------------------------------ setup
@@ -229,6 +230,7 @@ class Trainer:
         a = self.args
         extra = {"consumed_train_samples": self.consumed_samples, "args": args_for_checkpoint(a)}
         t0 = time.time()
+        self._async_iteration = self.iteration  # the newest background save, named if it fails
         save_checkpoint(a.save, self.iteration, [self.model], self.optimizer, self.scheduler, extra,
                         async_queue=self.async_queue, log=self.out.print,
                         optimizer_format=a.dist_ckpt_optim_format)
@@ -374,7 +376,7 @@ class Trainer:
                     "loss": loss, "grad_norm": grad_norm, "lr": lr, "consumed_samples": self.consumed_samples,
                     "ms_per_iter": step_ms})
                 if self.async_queue is not None:
-                    self.async_queue.maybe_finalize_async_calls(blocking=False)
+                    self.finalize_async_saves(blocking=False)
                 if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
                     dt = time.time() - window_t
                     ms = 1000 * dt / window_n
@@ -411,7 +413,7 @@ class Trainer:
                 if a.save and not (a.save_interval and self.iteration % a.save_interval == 0):
                     self.save()
             if self.async_queue is not None:
-                self.async_queue.maybe_finalize_async_calls(blocking=True)
+                self.finalize_async_saves(blocking=True)
             self.out.print(f"done: iteration {self.iteration}, {time.time() - self.start_time:.1f} s"
                            + (f"; checkpoints in {a.save}" if a.save else "")
                            + (f"; TensorBoard logs in {a.tensorboard_dir}" if a.tensorboard_dir else "")
@@ -419,6 +421,15 @@ class Trainer:
             return EXIT_OK
         finally:
             self.out.close()
+
+    def finalize_async_saves(self, blocking: bool) -> None:
+        """Finish background saves whose writing is done on every rank (writes their trackers)."""
+        from megatron_sv.checkpointing.dist import SAVE_ERRORS, save_failed
+
+        try:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except SAVE_ERRORS as e:  # a failed background save: one line, the previous checkpoint is kept
+            raise save_failed(e, self.args.save, self._async_iteration) from None
 
     def _setup_async(self):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -440,6 +451,11 @@ def run(args) -> int:
         tokenizer = build_tokenizer_from_args(args)
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
+        if args.data_path:
+            from megatron_sv.data.datasets import parse_blend
+            from megatron_sv.data.verify import check_datasets
+
+            check_datasets(parse_blend(args.data_path)[0], tokenizer.vocab_size)  # before any work
     except (ValueError, FileNotFoundError) as e:
         return report_bad_args(e)
 

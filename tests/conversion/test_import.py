@@ -208,9 +208,10 @@ def test_error_non_empty_output_dir(hf_models, tmp_path):
     r = _cli("import", "--hf-dir", hf_models["llama"][0], "--save", str(out), "--seq-length", "16")
     assert r.returncode == 2 and "not empty; pass --overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "x"
+    # --overwrite replaces only an earlier output of the tool (tests/conversion/test_overwrite_safety.py)
     r = _cli("import", "--hf-dir", hf_models["llama"][0], "--save", str(out), "--seq-length", "16", "--overwrite")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert not (out / "keep.txt").exists() and (out / "latest_checkpointed_iteration.txt").exists()
+    assert r.returncode == 2 and "is not one" in r.stderr, r.stderr[-2000:]
+    assert (out / "keep.txt").read_text() == "x"
 
 
 def test_error_missing_files(hf_models, tmp_path):
@@ -227,8 +228,9 @@ def test_error_missing_files(hf_models, tmp_path):
     with pytest.raises(ConversionError, match="no config.json"):
         import_from_hf(src, str(tmp_path / "o"), **QUIET)
     from megatron_sv.checkpointing import CheckpointError
+    (tmp_path / "not_a_checkpoint").mkdir()
     with pytest.raises(CheckpointError, match="latest_checkpointed_iteration"):
-        export_to_hf(str(tmp_path), str(tmp_path / "o"), **QUIET)
+        export_to_hf(str(tmp_path / "not_a_checkpoint"), str(tmp_path / "o"), **QUIET)
 
 
 def test_error_vocab_mismatch(hf_models, imported, tmp_path):

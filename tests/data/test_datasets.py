@@ -172,6 +172,7 @@ def test_distributed_build_rank0_first(tmp_path, numbered_dataset):
     prefix, _ = numbered_dataset
     r0, r1 = run_distributed(_build_on_two_ranks, 2, args=(prefix, str(tmp_path / "cache"), False))
     assert r0 == r1 and len(r0) == 5
-    assert any(f.endswith("document_index.npy") for f in os.listdir(tmp_path / "cache"))
+    # in a subdirectory keyed by the data files' size and mtime (megatron_sv.data.verify.data_stamp)
+    assert any(f.endswith("document_index.npy") for _, _, files in os.walk(tmp_path / "cache") for f in files)
     r0, r1 = run_distributed(_build_on_two_ranks, 2, args=(prefix, str(tmp_path / "cache"), True))
     assert r1 is None and r0 is not None
