@@ -17,8 +17,6 @@ import os
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from megatron_sv.data.verify import check_datasets, data_stamp
-
 _SPLIT_SEPARATORS = re.compile(r"[,/]")
 
 
@@ -152,6 +150,9 @@ def build_train_valid_test_datasets(
     on ranks that do not build). Each sample is a dict with tokens, labels, loss_mask,
     position_ids (and attention_mask), as Megatron-Core's GPTDataset returns it."""
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    # lazy like the line above: the flag validation imports this module's parsers without numpy/torch
+    from megatron_sv.data.verify import check_datasets, data_stamp
 
     if seq_length <= 0:
         raise ValueError(f"seq_length must be positive, got {seq_length}")

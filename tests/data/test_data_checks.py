@@ -14,7 +14,7 @@ from megatron_sv.data.indexed import write_indexed_dataset
 from megatron_sv.data.preprocess import EmptyDatasetError, preprocess
 from megatron_sv.data.tokenizers import build_tokenizer
 from megatron_sv.data.verify import DataFileError, check_indexed_dataset
-from megatron_sv.training.loop import EXIT_BAD_ARGS, main
+from megatron_sv.training.cli import EXIT_BAD_ARGS, main
 from tests.training.cli import TINY
 
 from .conftest import write_jsonl
