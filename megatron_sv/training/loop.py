@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import sys
 import time
 from functools import partial
@@ -334,7 +335,7 @@ class Trainer:
         handler = self.exit_handler
         flags = torch.zeros(2, dtype=torch.int32, device=self.device)
         if handler is not None and handler.received:
-            flags[0] = 1
+            flags[0] = handler.received  # the signal number: rank 0 names it even when only others got it
         if a.exit_duration_in_mins is not None and self.rank == 0:
             flags[1] = int((time.time() - self.start_time) / 60.0 > a.exit_duration_in_mins)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -397,7 +398,7 @@ class Trainer:
                     self.evaluate()
                 flags = self._exit_flags()
                 if flags[0]:
-                    exit_reason = f"received {handler.name if handler and handler.received else 'a signal'}"
+                    exit_reason = f"received {signal.Signals(int(flags[0])).name}"
                 elif flags[1]:
                     exit_reason = f"--exit-duration-in-mins {a.exit_duration_in_mins} reached"
                 elif a.exit_interval and self.iteration % a.exit_interval == 0:
