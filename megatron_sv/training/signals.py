@@ -73,3 +73,8 @@ class ExitSignalHandler:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        received = self.received
+        return signal.Signals(received).name if received else ""
