@@ -344,6 +344,7 @@ def load_checkpoint(
         _prime_distributed_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
                                                           metadata=_optimizer_metadata(fmt))
+    _report_dropped_magnitudes(ckpt, state["model"], log)
     loaded = dist_checkpointing.load(state, ckpt, sharded_strategy=get_default_load_sharded_strategy(ckpt))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
@@ -367,6 +368,33 @@ def load_checkpoint(
     out["iteration"] = iteration
     log(f"loaded checkpoint of iteration {iteration} from {ckpt}")
     return out
+
+
+def _report_dropped_magnitudes(ckpt: str, model_state: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Migration of checkpoints written before DNP's input-side vectors became direction-only: their
+    magnitudes are in the checkpoint but not in the model, and are left out (with their optimizer state)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sv.scale_vectors.vector import DROPPED_MAGNITUDE
+
+    wanted = {getattr(v, "key", None) for v in _leaves(model_state)}
+    saved = dist_checkpointing.load_tensors_metadata(ckpt)
+    dropped = sorted(k for k in saved if k not in wanted and DROPPED_MAGNITUDE.search(k))
+    if dropped:
+        log(f"checkpoint written before direction-only input vectors: dropping {len(dropped)} redundant "
+            f"magnitude(s) that the inner norms normalize away ({', '.join(dropped[:4])}"
+            f"{', ...' if len(dropped) > 4 else ''})")
+
+
+def _leaves(tree: Any):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree
 
 
 def _layout() -> Dict[str, int]:

@@ -9,23 +9,95 @@ training package (imports point down: tools -> conversion -> checkpointing).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, read_tracker
 
-# The saved-args keys that define the model (training.arguments.MODEL_DEFINING_ARGS) plus the ones the
-# model builder needs; a converted checkpoint records all of them.
-SHAPE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "seq_length", "max_position_embeddings", "normalization", "norm_epsilon", "swiglu",
-    "position_embedding_type", "rotary_base", "untie_embeddings_and_output_weights", "qk_layernorm",
-    "sv_post_sublayer_norm", "init_method_std", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-    "moe_token_dispatcher_type", "moe_aux_loss_coeff", "padded_vocab_size",
-)
-SV_KEYS = ("scale_vector_strategy", "sv_branch_specific", "sv_placement", "sv_reparam",
-           "sv_weight_decay_policy", "sv_final_norm_role")
+# One declaration of what a checkpoint's model is: the typed configs themselves. Every field of GPTShape (the
+# model's shape) and of ScaleVectorConfig (the method) is saved under its CLI name, rebuilt from saved args,
+# and compared on resume and conversion, except the fields exempted here with the reason; a new field is
+# therefore checked without touching any list (tests/checkpointing/test_model_args.py keeps this honest).
+SHAPE_FIELD_ARG = {"vocab_size": "padded_vocab_size", "post_sublayer_norm": "sv_post_sublayer_norm"}
+SHAPE_FIELDS_NOT_DEFINING = {
+    "seq_length": "the sample length is a data choice (RoPE and learned positions follow "
+                  "--max-position-embeddings)",
+    "init_method_std": "only the initialization, which a loaded checkpoint replaces",
+    "moe_token_dispatcher_type": "how tokens travel between experts, not what they compute",
+    "moe_aux_loss_coeff": "a term of the training loss, not of the model",
+}
+SV_FIELDS_NOT_DEFINING = {"fold_once_per_step": "where the fold runs; the same function and gradients"}
+
+
+def _sv_field_arg(field: str) -> str:
+    return "scale_vector_strategy" if field == "learnable" else f"sv_{field}"
+
+
+def _shape_fields():
+    from megatron_sv.models.gpt.model import GPTShape
+
+    return dataclasses.fields(GPTShape)
+
+
+def _sv_fields():
+    from megatron_sv.scale_vectors.config import ScaleVectorConfig
+
+    return dataclasses.fields(ScaleVectorConfig)
+
+
+def shape_keys() -> Tuple[str, ...]:
+    """The saved-args keys that rebuild the model's shape."""
+    return tuple(SHAPE_FIELD_ARG.get(f.name, f.name) for f in _shape_fields()) + ("group_query_attention",)
+
+
+def sv_keys() -> Tuple[str, ...]:
+    """The saved-args keys that rebuild the scale-vector configuration (strategy plus --sv-* overrides)."""
+    return tuple(dict.fromkeys(_sv_field_arg(f.name) for f in _sv_fields()))
+
+
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+
+
+def _flag(arg: str) -> str:
+    return "--" + arg.replace("_", "-")
+
+
+def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """'--flag: checkpoint X, now Y' for every model- or method-defining value that differs, compared on
+    the resolved typed configs (so a default spelled out equals the default left implicit)."""
+    theirs, ours = shape_from_args(saved), shape_from_args(current)
+    out = []
+    for f in _shape_fields():
+        if f.name in SHAPE_FIELDS_NOT_DEFINING:
+            continue
+        a, b = _resolved(theirs, f.name), _resolved(ours, f.name)
+        if a != b:
+            arg = SHAPE_FIELD_ARG.get(f.name, f.name)
+            flag = "padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)" \
+                if arg == "padded_vocab_size" else _flag(arg)
+            out.append(f"{flag}: checkpoint {a!r}, now {b!r}")
+    sv_theirs, sv_ours = sv_config_from_args(saved), sv_config_from_args(current)
+    for f in _sv_fields():
+        if f.name in SV_FIELDS_NOT_DEFINING:
+            continue
+        a, b = getattr(sv_theirs, f.name), getattr(sv_ours, f.name)
+        if a != b:
+            flag = _flag(_sv_field_arg(f.name))
+            if f.name == "learnable":
+                a, b = saved.get("scale_vector_strategy"), current.get("scale_vector_strategy")
+            out.append(f"{flag}: checkpoint {a!r}, now {b!r} (scale-vector switch {f.name})")
+    return out
+
+
+def _resolved(shape, name: str):
+    if name == "ffn_hidden_size":
+        return shape.resolved_ffn_hidden_size()
+    if name == "max_position_embeddings":
+        return shape.max_position_embeddings or shape.seq_length
+    if name == "num_query_groups":
+        return shape.num_query_groups or shape.num_attention_heads
+    return getattr(shape, name)
 
 
 def read_checkpoint_args(root: str) -> Tuple[int, Dict[str, Any]]:
@@ -52,38 +124,30 @@ def load_common_state(root: str, iteration: int) -> Dict[str, Any]:
 
 
 def shape_from_args(args: Dict[str, Any]):
-    """The GPTShape a checkpoint was made with (the same mapping as the training entry point)."""
+    """The GPTShape a checkpoint was made with (every field from its saved-args key; a key that an older
+    checkpoint lacks takes the field's default)."""
     from megatron_sv.models.gpt.model import GPTShape
 
     a = dict(args)
     if a.get("padded_vocab_size") is None:
         raise CheckpointError("the checkpoint's args have no padded_vocab_size")
-    gqa = a.get("group_query_attention") and a.get("num_query_groups")
-    return GPTShape(
-        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=a["num_attention_heads"],
-        vocab_size=a["padded_vocab_size"], seq_length=a["seq_length"], ffn_hidden_size=a.get("ffn_hidden_size"),
-        num_query_groups=a["num_query_groups"] if gqa else None,
-        max_position_embeddings=a.get("max_position_embeddings"),
-        normalization=a.get("normalization", "RMSNorm"), norm_epsilon=a.get("norm_epsilon", 1e-5),
-        swiglu=bool(a.get("swiglu", True)), position_embedding_type=a.get("position_embedding_type", "rope"),
-        rotary_base=a.get("rotary_base", 10000),
-        untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
-        qk_layernorm=bool(a.get("qk_layernorm", False)),
-        post_sublayer_norm=bool(a.get("sv_post_sublayer_norm", False)),
-        init_method_std=a.get("init_method_std", 0.02), num_experts=a.get("num_experts"),
-        moe_router_topk=a.get("moe_router_topk", 2), moe_ffn_hidden_size=a.get("moe_ffn_hidden_size"),
-        moe_token_dispatcher_type=a.get("moe_token_dispatcher_type", "allgather"),
-        moe_aux_loss_coeff=a.get("moe_aux_loss_coeff", 0.0),
-    )
+    values = {}
+    for f in _shape_fields():
+        key = SHAPE_FIELD_ARG.get(f.name, f.name)
+        if key in a and a[key] is not None:
+            values[f.name] = a[key]
+        elif f.default is dataclasses.MISSING:
+            raise CheckpointError(f"the checkpoint's args have no {key}")
+    if not a.get("group_query_attention"):
+        values.pop("num_query_groups", None)
+    return GPTShape(**values)
 
 
 def sv_config_from_args(args: Dict[str, Any]):
     from megatron_sv.scale_vectors.config import strategy_config
 
-    return strategy_config(
-        args.get("scale_vector_strategy", "standard"), branch_specific=args.get("sv_branch_specific"),
-        placement=args.get("sv_placement"), reparam=args.get("sv_reparam"),
-        weight_decay_policy=args.get("sv_weight_decay_policy"), final_norm_role=args.get("sv_final_norm_role"))
+    overrides = {f.name: args.get(_sv_field_arg(f.name)) for f in _sv_fields() if f.name != "learnable"}
+    return strategy_config(args.get("scale_vector_strategy", "standard"), **overrides)
 
 
 def args_for_model(shape, strategy: str, sv_overrides: Optional[Dict[str, Any]] = None,
@@ -91,23 +155,14 @@ def args_for_model(shape, strategy: str, sv_overrides: Optional[Dict[str, Any]] 
     """Saved args (plain types) describing ``shape`` and the strategy, in the training CLI's names."""
     ov = sv_overrides or {}
     gqa = shape.num_query_groups is not None and shape.num_query_groups != shape.num_attention_heads
-    out: Dict[str, Any] = dict(
-        num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.resolved_ffn_hidden_size(),
-        num_attention_heads=shape.num_attention_heads, group_query_attention=gqa,
-        num_query_groups=shape.num_query_groups if gqa else None, seq_length=shape.seq_length,
-        max_position_embeddings=shape.max_position_embeddings or shape.seq_length,
-        normalization=shape.normalization, norm_epsilon=shape.norm_epsilon, swiglu=shape.swiglu,
-        position_embedding_type=shape.position_embedding_type, rotary_base=shape.rotary_base,
-        untie_embeddings_and_output_weights=shape.untie_embeddings_and_output_weights,
-        qk_layernorm=shape.qk_layernorm, sv_post_sublayer_norm=shape.post_sublayer_norm,
-        init_method_std=shape.init_method_std, num_experts=shape.num_experts,
-        moe_router_topk=shape.moe_router_topk, moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
-        moe_token_dispatcher_type=shape.moe_token_dispatcher_type, moe_aux_loss_coeff=shape.moe_aux_loss_coeff,
-        padded_vocab_size=shape.vocab_size, scale_vector_strategy=strategy,
-        sv_branch_specific=ov.get("branch_specific"), sv_placement=ov.get("placement"),
-        sv_reparam=ov.get("reparam"), sv_weight_decay_policy=ov.get("weight_decay_policy"),
-        sv_final_norm_role=ov.get("final_norm_role"),
-    )
+    out: Dict[str, Any] = {SHAPE_FIELD_ARG.get(f.name, f.name): getattr(shape, f.name) for f in _shape_fields()}
+    out.update(ffn_hidden_size=shape.resolved_ffn_hidden_size(), group_query_attention=gqa,
+               num_query_groups=shape.num_query_groups if gqa else None,
+               max_position_embeddings=shape.max_position_embeddings or shape.seq_length,
+               scale_vector_strategy=strategy)
+    for f in _sv_fields():
+        if f.name != "learnable":
+            out[_sv_field_arg(f.name)] = ov.get(f.name)
     for k in LAYOUT_KEYS:
         out[k] = (layout or {}).get(k, 1)
     out.update(extra)

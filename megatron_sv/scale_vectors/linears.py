@@ -79,8 +79,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         self.input_scales = torch.nn.ModuleDict()
         if sv.learnable and sv.branch_specific:
             for b in self.branches:
+                # Under DNP the branch's inner norm N_b removes any common factor of gamma_b: no magnitude.
                 spec = VectorSpec(size=input_size, role="input", reparam=sv.reparam,
-                                  grad_reduction="tp_sum", is_expert=self.is_expert)
+                                  grad_reduction="tp_sum", is_expert=self.is_expert,
+                                  direction_only=b in self.inner_norm_branches)
                 self.input_scales[b] = ScaleVector(spec, **common)
         self.output_scales = torch.nn.ModuleDict()
         if sv.output_side:

@@ -306,9 +306,9 @@ def te_classes():
             self.input_scales = torch.nn.ModuleDict()
             if sv.learnable and sv.branch_specific:
                 for b in self.branches:
-                    self.input_scales[b] = ScaleVector(VectorSpec(
+                    self.input_scales[b] = ScaleVector(VectorSpec(  # no magnitude before an inner norm
                         size=input_size, role="input", reparam=sv.reparam, grad_reduction="tp_sum",
-                        is_expert=is_expert), **common)
+                        is_expert=is_expert, direction_only=b in self.inner_norm_branches), **common)
             self.output_scales = torch.nn.ModuleDict()
             if sv.output_side:
                 for b in self.branches:

@@ -2,6 +2,10 @@
 
 OR:  s = beta * sqrt(n) * alpha / |alpha|          beta init 1, alpha init 1
 ER:  s = exp(b) * sqrt(n) * exp(a) / |exp(a)|      b init 0, a init 0
+A vector whose magnitude a following normalization makes redundant (``direction_only``: DNP's input-side
+gamma_b of q, k, gate and up, which feeds the scale-invariant inner norm N_b) keeps only its direction:
+beta (exp(b)) is fixed at 1, neither a parameter nor decayed. As a parameter it would get no gradient
+(|g| ~ 1e-7, only through the norm's epsilon) while IWD shrinks it as (1 - lr*wd)^t.
 sqrt(n)/|alpha| is computed as rsqrt(mean(alpha^2)) so that s is exactly 1 at init (no rounding),
 and every strategy without inner norms starts as bit-for-bit the same function as ``standard``.
 
@@ -12,6 +16,7 @@ TP degree. Scale vectors never consume random numbers (all inits are constants).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -21,6 +26,10 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .config import Reparam, Role
 from .tp_ops import all_reduce_sum, sum_grad_over_tp
+
+# Checkpoints written before direction-only vectors existed hold these magnitudes; loading drops them (they
+# only ever scaled a quantity that the branch's inner norm normalized away).
+DROPPED_MAGNITUDE = re.compile(r"\.input_scales\.(q|k|gate|up|fc1)\.(magnitude|log_magnitude)$")
 
 # How the gradient of a replicated vector is completed across the TP group (see tp_ops).
 GradReduction = Literal["none", "tp_sum"]
@@ -36,6 +45,7 @@ class VectorSpec:
     tp_sharded: bool = False  # sharded along dim 0 over the TP group (output-side vectors)
     grad_reduction: GradReduction = "none"  # for replicated vectors read by sharded consumers
     is_expert: bool = False  # lives in an expert: data-parallel reduction over expert-DP only
+    direction_only: bool = False  # OR/ER without the magnitude (a following normalization removes it)
 
 
 class ScaleVector(torch.nn.Module):
@@ -56,10 +66,12 @@ class ScaleVector(torch.nn.Module):
         if spec.reparam == "none":
             self.weight = torch.nn.Parameter(torch.ones(local, dtype=params_dtype))
         elif spec.reparam == "or":
-            self.magnitude = torch.nn.Parameter(torch.ones(1, dtype=params_dtype))
+            if not spec.direction_only:
+                self.magnitude = torch.nn.Parameter(torch.ones(1, dtype=params_dtype))
             self.direction = torch.nn.Parameter(torch.ones(local, dtype=params_dtype))
         elif spec.reparam == "er":
-            self.log_magnitude = torch.nn.Parameter(torch.zeros(1, dtype=params_dtype))
+            if not spec.direction_only:
+                self.log_magnitude = torch.nn.Parameter(torch.zeros(1, dtype=params_dtype))
             self.log_direction = torch.nn.Parameter(torch.zeros(local, dtype=params_dtype))
         else:
             raise ValueError(f"unknown reparameterization {spec.reparam!r}")
@@ -80,15 +92,15 @@ class ScaleVector(torch.nn.Module):
         if spec.reparam == "none":
             s = self.weight
         else:
-            if spec.reparam == "or":
-                scale, direction = self.magnitude, self.direction
-            else:
-                scale, direction = self.log_magnitude.exp(), self.log_direction.exp()
-            if spec.tp_sharded:
-                # The magnitude is replicated but each rank only sees its rows' gradient.
-                scale = sum_grad_over_tp(scale, self.tp_group)
+            direction = self.direction if spec.reparam == "or" else self.log_direction.exp()
             sumsq = all_reduce_sum(direction.square().sum(), self.tp_group if spec.tp_sharded else None)
-            s = scale * direction * torch.rsqrt(sumsq / spec.size)
+            s = direction * torch.rsqrt(sumsq / spec.size)
+            if not spec.direction_only:
+                scale = self.magnitude if spec.reparam == "or" else self.log_magnitude.exp()
+                if spec.tp_sharded:
+                    # The magnitude is replicated but each rank only sees its rows' gradient.
+                    scale = sum_grad_over_tp(scale, self.tp_group)
+                s = scale * s
         if spec.grad_reduction == "tp_sum":
             s = sum_grad_over_tp(s, self.tp_group)
         return s
@@ -96,6 +108,8 @@ class ScaleVector(torch.nn.Module):
     @torch.no_grad()
     def magnitude_value(self) -> float:
         """The scalar magnitude (OR/ER) or the RMS of the vector (plain), for logging."""
+        if self.spec.direction_only:
+            return 1.0
         if self.spec.reparam == "or":
             return float(self.magnitude)
         if self.spec.reparam == "er":
@@ -109,7 +123,8 @@ class ScaleVector(torch.nn.Module):
     def set_value(self, full_vector: torch.Tensor) -> None:
         """Set s (global length n, or local shard when tp_sharded) exactly; used by conversion.
 
-        OR: beta = rms(s), alpha = s / rms(s) (so |alpha| = sqrt(n)); ER needs s > 0.
+        OR: beta = rms(s), alpha = s / rms(s) (so |alpha| = sqrt(n)); ER needs s > 0. A direction-only
+        vector keeps s / rms(s): its consumer's normalization removes the magnitude anyway.
         """
         v = full_vector.to(dtype=next(self.parameters()).dtype).flatten()
         if self.spec.tp_sharded and v.numel() == self.spec.size and self.local_size != self.spec.size:
@@ -125,12 +140,14 @@ class ScaleVector(torch.nn.Module):
             dist.all_reduce(sumsq, group=self.tp_group)
         rms = (sumsq / self.spec.size).sqrt()
         if self.spec.reparam == "or":
-            self.magnitude.fill_(rms)
+            if not self.spec.direction_only:
+                self.magnitude.fill_(rms)
             self.direction.copy_(v / rms)
         else:
             if bool((v <= 0).any()):
                 raise ValueError("an ER scale vector can only represent positive values")
-            self.log_magnitude.fill_(rms.log())
+            if not self.spec.direction_only:
+                self.log_magnitude.fill_(rms.log())
             self.log_direction.copy_((v / rms).log())
 
     # -- checkpointing ----------------------------------------------------------------------------
@@ -149,4 +166,5 @@ class ScaleVector(torch.nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"n={s.size}, local={self.local_size}, role={s.role}, reparam={s.reparam}, "
-                f"tp_sharded={s.tp_sharded}, grad={s.grad_reduction}")
+                f"tp_sharded={s.tp_sharded}, grad={s.grad_reduction}"
+                + (", direction_only" if s.direction_only else ""))

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from megatron_sv.data.tokenizers import TOKENIZER_TYPES
 from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
@@ -591,15 +591,6 @@ def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-# the arguments that define the model's function; a checkpoint made with other values cannot be resumed
-MODEL_DEFINING_ARGS: List[str] = [
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "normalization", "swiglu", "position_embedding_type", "rotary_base",
-    "untie_embeddings_and_output_weights", "qk_layernorm", "num_experts", "moe_router_topk",
-    "moe_ffn_hidden_size", "padded_vocab_size", "scale_vector_strategy", "sv_branch_specific",
-    "sv_placement", "sv_reparam", "sv_weight_decay_policy", "sv_final_norm_role", "sv_post_sublayer_norm",
-    "max_position_embeddings",
-]
 
 
 def args_for_checkpoint(args: argparse.Namespace) -> dict:

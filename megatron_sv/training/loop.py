@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_sv.scale_vectors import training_hooks as sv_hooks
-from megatron_sv.training.arguments import MODEL_DEFINING_ARGS, args_for_checkpoint, padded_vocab_size
+from megatron_sv.checkpointing.model_io import model_differences
+from megatron_sv.training.arguments import args_for_checkpoint, padded_vocab_size
 from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED, EXIT_OK, report_bad_args
 from megatron_sv.training.lr_schedule import adopt_checkpoint_wsd, build_scheduler, check_schedule
 
@@ -185,11 +186,17 @@ class Trainer:
     def _check_saved_args(self, saved: Dict) -> None:
         from megatron_sv.checkpointing import CheckpointError
 
-        ours = args_for_checkpoint(self.args)
-        diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {ours.get(k)!r}"
-                for k in MODEL_DEFINING_ARGS if k in saved and saved.get(k) != ours.get(k)]
+        diff = model_differences(saved, args_for_checkpoint(self.args))
         if diff:
-            raise CheckpointError("the checkpoint was made for a different model:\n  " + "\n  ".join(diff))
+            raise CheckpointError("the checkpoint was made for a different model or method: " + "; ".join(diff))
+        a = self.args
+        loads_optimizer = not (a.finetune or a.no_load_optim)
+        saved_distopt = saved.get("use_distributed_optimizer")
+        if loads_optimizer and saved_distopt is not None and bool(saved_distopt) != a.use_distributed_optimizer:
+            raise CheckpointError(
+                f"--use-distributed-optimizer: checkpoint {bool(saved_distopt)}, now {a.use_distributed_optimizer}; "
+                "the optimizer state does not load across that switch: resume with the checkpoint's setting, or "
+                "add --no-load-optim to load the weights only")
         if not self.args.finetune and saved.get("global_batch_size") not in (None, self.args.global_batch_size):
             raise CheckpointError(
                 f"--global-batch-size {self.args.global_batch_size} differs from the checkpoint's "

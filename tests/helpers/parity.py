@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from tests.helpers.grads import full_gradients, gather_reduced_grad_shards
+
 VOCAB = 128
 SEQ = 16
 
@@ -50,6 +52,7 @@ def train_steps(
     load_init_from: Optional[str] = None,
     bf16: bool = False,
     tokens: Optional[Callable[[int, int], torch.Tensor]] = None,
+    full_grads: bool = False,
 ) -> Dict[str, Any]:
     """Initialize distributed state with ``parallel`` (tensor/pipeline/expert_model_parallel_size),
     build the baseline model, train ``steps`` steps and return {"losses": [...], "grads": {...}}.
@@ -65,7 +68,9 @@ def train_steps(
     ``build_model(parallel) -> (config, model)`` replaces the baseline model (e.g. a scale-vector
     GPT); ``optimizer_overrides()`` gives get_megatron_optimizer's config_overrides; ``finish(model)``
     runs on the unwrapped model after training and its result is returned under "finish".
-    ``collect_grads(name, param)`` selects the gradients to return. ``keep_process_group``: tear down
+    ``collect_grads(name, param)`` selects the gradients to return. ``full_grads``: also return, under
+    "full_grads", every parameter's reduced gradient after the first step's backward, gathered to its
+    global shape under its checkpoint key (tests.helpers.grads), comparable across layouts. ``keep_process_group``: tear down
     only Megatron's parallel state afterwards, so one spawned job can run several layouts (re-creating
     the default gloo group in the same process can hang).
     """
@@ -156,6 +161,10 @@ def train_steps(
                 for name, p in model.module.named_parameters():
                     if collect_grads(name, p):
                         grads[name] = p.main_grad.detach().cpu().clone()
+            if step == 0 and full_grads:
+                if use_distributed_optimizer:
+                    gather_reduced_grad_shards(model)
+                full = full_gradients(model.module)
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
             after_parameters_changed([model], optimizer)  # as the training loop does (parameter caches)
@@ -171,6 +180,8 @@ def train_steps(
             torch.distributed.all_reduce(contrib)
             losses.append(float(contrib[0] / contrib[1]))
         result = {"losses": losses, "grads": grads, "grad_norm": float(grad_norm), "grad_norms": grad_norms}
+        if full_grads:
+            result["full_grads"] = full
         if finish is not None:
             result["finish"] = finish(model.module)
         return result

@@ -124,3 +124,23 @@ def test_scaled_inner_norm_with_tiny_scale_falls_back_to_input(kind):
     want = torch.autograd.grad(((normalize(x, kind, 1e-5) * u) * dz).sum(), (x, u))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("strategy,magnitude", [("unified", "magnitude"), ("dnp", None)])
+def test_input_vectors_before_inner_norms_are_direction_only(megatron_single_rank, strategy, magnitude):
+    """Under DNP, q/k/gate/up's input-side vectors feed the inner norm: no magnitude parameter (v keeps one,
+    output-side vectors too)."""
+    sv = strategy_config(strategy)
+    shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG, vocab_size=32,
+                     seq_length=8, ffn_hidden_size=12)
+    cfg = transformer_config(shape)
+    qkv = ScaledColumnParallelLinear(H, (NH + 2 * NG) * HN, config=cfg, init_method=cfg.init_method, bias=False,
+                                     gather_output=False, sv=sv, branch_layout="qkv")
+    fc1 = ScaledColumnParallelLinear(H, 24, config=cfg, init_method=cfg.init_method, bias=False,
+                                     gather_output=False, sv=sv, branch_layout="gated_fc1")
+    names = {n for m in (qkv, fc1) for n, _ in m.named_parameters()}
+    if magnitude is None:  # plain vectors: nothing to drop
+        assert {"input_scales.q.weight", "input_scales.gate.weight"} <= names
+    else:
+        assert not any(n == f"input_scales.{b}.{magnitude}" for b in ("q", "k", "gate", "up") for n in names)
+        assert {"input_scales.v.magnitude", "output_scales.q.magnitude", "output_scales.up.magnitude"} <= names

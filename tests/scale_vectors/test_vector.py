@@ -49,3 +49,14 @@ def test_er_rejects_non_positive_values():
 def test_params_declare_role():
     v = ScaleVector(VectorSpec(size=2, role="output", reparam="or"))
     assert {p.sv_role for p in v.parameters()} == {"output"}
+
+
+@pytest.mark.parametrize("reparam", ["or", "er"])
+def test_direction_only_vector_has_no_magnitude(reparam):
+    """Before an inner norm a vector's magnitude is redundant: not a parameter, fixed at 1."""
+    v = ScaleVector(VectorSpec(size=4, role="input", reparam=reparam, direction_only=True))
+    assert [n for n, _ in v.named_parameters()] == ["direction" if reparam == "or" else "log_direction"]
+    assert torch.equal(v(), torch.ones(4)) and v.magnitude_value() == 1.0
+    target = torch.tensor([0.5, 1.5, 2.0, 0.25])
+    v.set_value(target)  # keeps the direction; the magnitude (the RMS) is dropped
+    torch.testing.assert_close(v(), target / target.square().mean().sqrt())

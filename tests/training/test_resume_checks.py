@@ -1,5 +1,9 @@
-"""Resuming with a different LR schedule: refused with every differing value named, unless
---override-opt_param-scheduler (command line wins) or --use-checkpoint-opt_param-scheduler (checkpoint wins)."""
+"""What a resume accepts, through the real CLI, from one saved checkpoint:
+
+* a different LR schedule is refused with every differing value named, unless --override-opt_param-scheduler
+  (command line wins) or --use-checkpoint-opt_param-scheduler (checkpoint wins);
+* a different model- or method-defining flag is refused naming the checkpoint's and the current value;
+* switching --use-distributed-optimizer is refused in one line before anything is loaded."""
 
 from __future__ import annotations
 
@@ -17,10 +21,33 @@ def _cosine(step: int, decay_steps: int) -> float:
     return MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * step / decay_steps))
 
 
-def test_changed_schedule_refused_unless_a_flag_says_which_wins(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    check(run([*TINY, "--train-iters", "2", "--save", ckpt], nproc=1))
-    assert read_tracker(ckpt) == 2
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("resume") / "ckpt")
+    check(run([*TINY, "--train-iters", "2", "--save", path], nproc=1))
+    assert read_tracker(path) == 2
+    return path
+
+
+def _refused(args, nproc=1) -> str:
+    r = run(args, nproc=nproc)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if "error" in x]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_changed_model_flag_is_refused_naming_both_values(ckpt):
+    line = _refused([*TINY, "--train-iters", "2", "--load", ckpt, "--norm-epsilon", "1e-6"])
+    assert "--norm-epsilon: checkpoint 1e-05, now 1e-06" in line
+
+
+def test_switching_the_distributed_optimizer_is_refused_in_one_line(ckpt):
+    line = _refused([*TINY, "--train-iters", "2", "--load", ckpt, "--use-distributed-optimizer"])
+    assert "--use-distributed-optimizer: checkpoint False, now True" in line and "--no-load-optim" in line
+
+
+def test_changed_schedule_refused_unless_a_flag_says_which_wins(ckpt, tmp_path):
     resume = [*TINY, "--train-iters", "4", "--load", ckpt]
 
     r = run([*resume, "--metrics-file", str(tmp_path / "refused.jsonl")], nproc=1)
