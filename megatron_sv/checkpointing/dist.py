@@ -379,7 +379,8 @@ def _report_dropped_magnitudes(ckpt: str, model_state: Dict[str, Any], log: Call
 
     wanted = {getattr(v, "key", None) for v in _leaves(model_state)}
     saved = dist_checkpointing.load_tensors_metadata(ckpt)
-    dropped = sorted(k for k in saved if k not in wanted and DROPPED_MAGNITUDE.search(k))
+    dropped = sorted(k for k in saved if k not in wanted and not k.startswith("optimizer.")
+                     and DROPPED_MAGNITUDE.search(k))
     if dropped:
         log(f"checkpoint written before direction-only input vectors: dropping {len(dropped)} redundant "
             f"magnitude(s) that the inner norms normalize away ({', '.join(dropped[:4])}"
