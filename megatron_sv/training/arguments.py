@@ -299,6 +299,8 @@ CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
                     lambda a: bool(a.load) and not a.finetune, flag="--override-opt_param-scheduler"),
     ConditionalFlag("use_checkpoint_opt_param_scheduler", False, "--load (without --finetune)",
                     lambda a: bool(a.load) and not a.finetune, flag="--use-checkpoint-opt_param-scheduler"),
+    ConditionalFlag("sv_weight_decay_policy", None, "learnable scale vectors (not --scale-vector-strategy none)",
+                    lambda a: a.scale_vector_strategy != "none"),
     ConditionalFlag("sv_final_norm_role", None, "--sv-weight-decay-policy iwd (roles only choose weight decay)",
                     lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd"),
     ConditionalFlag("tokenizer_model", None, "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",

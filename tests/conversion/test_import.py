@@ -96,13 +96,21 @@ def _tensors(path):
     return out
 
 
+# the HF linear maps fed by each norm, and whether unified puts an inner norm N_b after them
+_ATTN_NORM, _MLP_NORM = "input_layernorm", "post_attention_layernorm"
+_FED = (("q_proj", _ATTN_NORM, True), ("k_proj", _ATTN_NORM, True), ("v_proj", _ATTN_NORM, False),
+        ("gate_proj", _MLP_NORM, True), ("up_proj", _MLP_NORM, True), ("mlp.gate.", _MLP_NORM, False))
+
+
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
 def test_round_trip_through_unified(hf_models, single_process, tmp_path, kind):
-    """HF -> unified -> HF. Import starts every branch vector from the pre-norm gamma, so at export all
-    branches of a norm read the same vector and it goes back into the norm weight: every linear weight
-    (embeddings, q/k/v/o, gate/up/down or w1/w2/w3, router, lm_head) comes back bit for bit; the norm
-    weights come back up to fp32 rounding (OR stores them as magnitude x direction); the only extra
-    tensors are the inner-norm output scales u, equal to 1."""
+    """HF -> unified -> HF. Import starts every branch vector from the pre-norm gamma. Under unified the
+    input vectors of q, k, gate and up are direction-only (their inner norm N_b removes any magnitude), so
+    they keep gamma / rms(gamma): what comes back is, per linear map fed by a norm, the same effective map
+    W diag(gamma) (divided by rms(gamma) before an inner norm, which normalizes it away), whichever of norm
+    and weight the exporter puts it in; every other tensor (embeddings, o, down, the final norm, lm_head)
+    comes back bit for bit or up to fp32 rounding; the only extra tensors are the inner-norm output scales
+    u, equal to 1."""
     from megatron_sv.conversion import export_to_hf, import_from_hf
 
     src = hf_models[kind][0]
@@ -118,11 +126,23 @@ def test_round_trip_through_unified(hf_models, single_process, tmp_path, kind):
     assert extra and all(k.endswith("out_scale") for k in extra)
     for k in extra:
         assert torch.equal(b[k], torch.ones_like(b[k])), k
+    checked = 0
     for new_name, old_name in renamed.items():
-        if "norm" in new_name:
+        layer = new_name.split(".mlp.")[0].split(".self_attn.")[0]
+        fed = [(norm, inner) for part, norm, inner in _FED if part in new_name and new_name.endswith("weight")]
+        if fed and "layers." in new_name:
+            norm, inner = fed[0]
+            g_old, g_new = a[renamed.get(f"{layer}.{norm}.weight", f"{layer}.{norm}.weight")], b[f"{layer}.{norm}.weight"]
+            want = a[old_name] * g_old / (g_old.square().mean().sqrt() if inner else 1.0)
+            torch.testing.assert_close(b[new_name] * g_new, want, rtol=1e-5, atol=1e-7, msg=new_name)
+            checked += 1
+        elif "layernorm" in new_name and "layers." in new_name:
+            continue  # compared through the maps it feeds
+        elif "norm" in new_name:
             torch.testing.assert_close(b[new_name], a[old_name], rtol=1e-6, atol=1e-6, msg=new_name)
         else:
             torch.testing.assert_close(b[new_name], a[old_name], rtol=0, atol=0, msg=new_name)
+    assert checked >= 5
 
 
 def test_round_trip_standard_is_exact(hf_models, imported):

@@ -82,6 +82,8 @@ def test_derived_values():
      "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"),
     (["--sv-final-norm-role", "output", "--sv-weight-decay-policy", "all"], 1,
      "--sv-final-norm-role only applies with --sv-weight-decay-policy iwd"),
+    (["--scale-vector-strategy", "none", "--sv-weight-decay-policy", "iwd"], 1,
+     "--sv-weight-decay-policy only applies with learnable scale vectors"),
     (["--merge-file", "m.txt"], 1, "--merge-file only applies with --tokenizer-type GPT2BPETokenizer"),
 ])
 def test_bad_flag_combinations(extra, world, message):
