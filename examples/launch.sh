@@ -7,8 +7,9 @@
 # Inside a Slurm job (SLURM_JOB_ID set): `srun --ntasks-per-node=1` starts one torchrun per node; they meet
 # at the job's first node (scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) on MASTER_PORT (default
 # 20000 + job id mod 10000) with the c10d rendezvous, so any number of nodes works without further settings.
-# torchrun is started through `python -m megatron_sv.launch`: SIGUSR1 reaches the ranks (and never kills the
-# agent), and a rank's one-line error (bad argument, refused checkpoint) ends the log and sets the exit code.
+# torchrun is started through `python -m megatron_sv.launch`: SIGUSR1 and SIGTERM go to the ranks, which save
+# and exit (the agent neither dies of them nor kills the ranks during the exit save), and a rank's one-line
+# error (bad argument, refused checkpoint) ends the log and sets the exit code.
 # Signals under Slurm (--signal=USR1@N, scancel [--signal=USR1], the time limit, scontrol requeue): Slurm
 # signals every process of the training step; the ranks save a checkpoint and exit. The batch shell, which
 # also gets SIGTERM at the time limit / on scancel / on requeue, keeps waiting for the step to finish, so the

@@ -2,20 +2,23 @@
 
 Plain torchrun (``python -m torch.distributed.run``) with two differences that matter on a cluster:
 
-* SIGUSR1, Slurm's warning before the time limit (``#SBATCH --signal=USR1@120``, ``scancel --signal=USR1``),
-  must reach the training ranks and must not kill the agent (its default action is to terminate). The agent
-  holds SIGUSR1 blocked, and the ranks inherit the blocked mask through fork and exec, so a signal that
-  arrives while a rank is still importing stays pending until the rank installs its handler and unblocks it
-  (megatron_sv.training.signals) instead of being lost. A thread of the agent waits for the signal itself and
-  passes it on to the ranks, also to ranks that start later (a signal that came during the rendezvous):
-  outside Slurm, ``kill -USR1 <agent>`` is enough. Under Slurm every process of the step is signalled
-  anyway; a rank that gets the signal twice acts once. SIGTERM keeps torchrun's own handling (it passes
-  SIGTERM to the ranks and gives them 30 s to finish their exit save).
+* The exit signals, SIGUSR1 (Slurm's warning before the time limit, ``#SBATCH --signal=USR1@120``,
+  ``scancel --signal=USR1``) and SIGTERM (``scancel``, the time limit, ``scontrol requeue``), are for the
+  training ranks: each rank saves a checkpoint and exits. torchrun itself would die of SIGUSR1, and on SIGTERM
+  it stops the ranks with SIGKILL after 30 s, cutting a longer exit save short. So the agent holds both
+  signals blocked, and the ranks inherit the blocked mask through fork and exec: a signal that arrives while
+  a rank is still importing stays pending until the rank's handler takes it (megatron_sv.training.signals),
+  instead of being lost or killing it. A thread of the agent waits for the signals and passes each one on to
+  the ranks, also to ranks that start later (a signal that came during the rendezvous): outside Slurm,
+  ``kill -USR1 <agent>`` or ``kill <agent>`` is enough. Under Slurm every process of the step is signalled
+  anyway; a rank that gets a signal twice acts once. The agent then simply waits for the ranks to finish
+  their exit save (the cluster's KillWait bounds it; SIGKILL still ends everything). A rank started with
+  --no-exit-signal-handler keeps both signals blocked: only SIGKILL stops it.
 * A rank that fails first with one of the trainer's own exit codes (2: a bad argument, a refused checkpoint;
   3: training diverged) has already printed a one-line error. Then the agent exits with that code and adds
   no ChildFailedError report after it (nor its line about the ranks it stopped), so the error is the last
-  line of the log. Any other failure (a
-  crash, a rank killed by a signal) keeps torchrun's full report and its exit code.
+  line of the log. Any other failure (a crash, a rank killed by a signal) keeps torchrun's full report and
+  its exit code.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED  # torch-free
 
 # The trainer's exit codes after which its own message says everything.
 REPORTED_EXIT_CODES = (EXIT_BAD_ARGS, EXIT_DIVERGED)
-FORWARDED_SIGNALS = (signal.SIGUSR1,)
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def _children() -> List[int]:

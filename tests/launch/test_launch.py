@@ -1,6 +1,7 @@
 """The launcher (megatron_sv.launch, examples/pretrain_gpt_sv.sh) on this machine, without Slurm:
-a bad flag ends a redirected log as one line with its exit code, and SIGUSR1 sent to the torchrun agent
-alone, while the ranks are still starting, reaches every rank once its handler is installed.
+a bad flag ends a redirected log as one line with its exit code, and SIGUSR1 or SIGTERM sent to the
+torchrun agent alone, while the ranks are still starting, reaches every rank once its handler is installed
+(and the agent waits for the ranks instead of dying or killing them).
 (tests/slurm runs the same script under a real Slurm.)"""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.helpers.distributed import find_free_port
 
@@ -57,7 +60,8 @@ sys.exit(0 if handler.received else 1)
 """
 
 
-def test_usr1_to_the_agent_during_start_up_reaches_every_rank(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_signal_to_the_agent_during_start_up_reaches_every_rank(tmp_path, sig):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     proc = subprocess.Popen(
@@ -70,11 +74,12 @@ def test_usr1_to_the_agent_during_start_up_reaches_every_rank(tmp_path):
         while not all((tmp_path / f"started-{r}").exists() for r in (0, 1)):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGUSR1)  # the agent only, as `kill -USR1 <torchrun>` outside Slurm
+        os.kill(proc.pid, sig)  # the agent only, as `kill -USR1 <torchrun>` outside Slurm
         out = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out
-    assert "rank 0: SIGUSR1" in out and "rank 1: SIGUSR1" in out, out
+    name = signal.Signals(sig).name
+    assert f"rank 0: {name}" in out and f"rank 1: {name}" in out, out
