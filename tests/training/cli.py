@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,10 +26,10 @@ TINY = [
 ]
 
 
-def command(args: Sequence[str], nproc: int) -> List[str]:
+def command(args: Sequence[str], nproc: int, launcher: str = "torch.distributed.run") -> List[str]:
     if nproc == 1:
         return [sys.executable, ENTRY, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), ENTRY, *args]
 
 
@@ -55,15 +54,14 @@ def run(args: Sequence[str], nproc: int = 2, timeout: float = 240, extra_env: Op
         kill_tagged(e[TAG_VAR])
 
 
-def start(args: Sequence[str], nproc: int = 2, ignore_sigusr1: bool = False) -> subprocess.Popen:
+def start(args: Sequence[str], nproc: int = 2, launcher: str = "torch.distributed.run") -> subprocess.Popen:
     """Start in the background. The test's teardown kills the whole job (tests/conftest.py), also when
-    the test fails. ``ignore_sigusr1``: torchrun ignores SIGUSR1 as examples/pretrain_gpt_sv.sh makes it
-    do under Slurm (its default action would kill it); the ranks handle it."""
+    the test fails. ``launcher="megatron_sv.launch"``: torchrun as the launch scripts run it (it survives
+    SIGUSR1 and forwards it to the ranks)."""
     e = tagged_env(env())
     register(e[TAG_VAR])
-    preexec = (lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) if ignore_sigusr1 else None
-    proc = subprocess.Popen(command(args, nproc), cwd=ROOT, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=preexec)
+    proc = subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.tag = e[TAG_VAR]
     return proc
 

@@ -7,7 +7,8 @@ no tracker at all (even the earlier complete checkpoint was lost).
 One chain of runs in one directory (--load = --save) covers the timings; each run resumes from the
 checkpoint the previous one left, which shows that it loads (the last one is checked in-process):
   1. SIGTERM before the first save                              (sync)
-  2. SIGUSR1 while a periodic save is being written             (sync; torchrun ignores USR1 as under Slurm)
+  2. SIGUSR1 while a periodic save is being written             (sync; via megatron_sv.launch, as the
+                                                                launch scripts run torchrun)
   3. SIGINT, then SIGTERM, while an async save is being written (the second signal lands in the exit save)
   4. SIGTERM between two saves                                  (async)
 """
@@ -75,7 +76,7 @@ def test_signals_to_the_whole_job_leave_a_complete_checkpoint(tmp_path):
 
     # 2. during a sync save; the chain's runs resume from the previous checkpoint
     os.remove(metrics)
-    proc = start([*base, "--save-interval", "3"], ignore_sigusr1=True)
+    proc = start([*base, "--save-interval", "3"], launcher="megatron_sv.launch")
     assert wait_until(lambda: _writer_running(proc) or proc.poll() is not None, 120)
     signal_tree(proc.pid, signal.SIGUSR1)
     out, k2, last = _finish(proc, ckpt, metrics)
