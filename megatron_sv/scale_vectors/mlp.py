@@ -29,7 +29,12 @@ def fuses_inner_norm_swiglu(mlp: MLP) -> bool:
 class InnerNormSwiGLUMLP(MLP):
     """MLP whose activation step is DNP's fused gate/up norm + SwiGLU (see module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+        # megatron-core >= 0.19 builds a layer's mlp with pg_collection and is_mtp_layer and translates them
+        # for MLP itself only (MLP.as_mlp_submodule); this subclass does the same translation. 0.16.1 passes
+        # neither.
+        if pg_collection is not None and kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = pg_collection.tp
         super().__init__(*args, **kwargs)
         kernel_mode()  # a bad MEGATRON_SV_FUSED_KERNELS fails here, before any work
         self.fused = fuses_inner_norm_swiglu(self)
