@@ -205,9 +205,12 @@ def save_checkpoint(
     async_queue=None,
     log: Callable[[str], None] = print,
     optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
+    model_tensors: Optional[Dict[int, torch.Tensor]] = None,
 ) -> str:
     """Save on every rank (collective). The tracker is written after all ranks finished: at once, or,
-    with ``async_queue`` (a dist_checkpointing AsyncCallsQueue), when the async request is finalized."""
+    with ``async_queue`` (a dist_checkpointing AsyncCallsQueue), when the async request is finalized.
+    ``model_tensors``: {id(model parameter): tensor to store in its place} (a weight that holds a folded
+    W_eff is stored as W; the optimizer state is matched to parameters before the swap)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -234,6 +237,8 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"],
                                                         metadata=_optimizer_metadata(optimizer_format))
+    if model_tensors:
+        _swap_model_tensors(state["model"], model_tensors)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -265,6 +270,23 @@ def save_checkpoint(
 
 # torch.distributed.checkpoint's CheckpointException (all ranks' write failures) is a BaseException
 SAVE_ERRORS = (Exception, CheckpointException)
+
+
+def _swap_model_tensors(model_state: Dict[str, Any], replacements: Dict[int, torch.Tensor]) -> None:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    swapped = 0
+    for sh in model_state.values():
+        if isinstance(sh, ShardedTensor) and id(sh.data) in replacements:
+            new = replacements[id(sh.data)]
+            if new.shape != sh.data.shape or new.dtype != sh.data.dtype:
+                raise CheckpointError(f"{sh.key}: replacement {tuple(new.shape)} {new.dtype} does not match "
+                                      f"{tuple(sh.data.shape)} {sh.data.dtype}")
+            sh.data = new
+            swapped += 1
+    if swapped != len(replacements):
+        raise CheckpointError(f"{len(replacements) - swapped} model tensors to store were not found in the "
+                              "model's sharded state dict")
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -21,9 +21,10 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from .config import ScaleVectorConfig
 from .folding import FoldLayout, fold_into_weight, recompute_saved_weight
+from .generation import parameters_generation
 from .inner_norms import norm_swiglu, scaled_inner_norm
 from .norms import ScaledNorm
-from .training_hooks import parameters_generation
+from .step_fold import StepFoldState
 from .vector import ScaleVector, VectorSpec
 
 BranchLayout = Literal["qkv", "gated_fc1", "fc1"]
@@ -36,8 +37,9 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
                  branch_layout: BranchLayout, **kwargs):
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
         self.sv = sv
-        # fold once per optimizer step (see forward); the folded leaf and the parameter versions it is for
-        self._step_fold: Optional[torch.Tensor] = None
+        # How W_eff is made: per micro-batch until step_fold.attach() chooses otherwise (step_fold.py).
+        self.step_fold = StepFoldState()
+        self._step_fold: Optional[torch.Tensor] = None  # FP8's own W_eff leaf (see _fold_per_step)
         self._step_fold_key = None
         self.branch_layout = branch_layout
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -95,13 +97,18 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             self.gradient_accumulation_fusion = False
 
     # -- folding ----------------------------------------------------------------------------------
-    def _slot_input_scales(self) -> Optional[torch.Tensor]:
+    @staticmethod
+    def _value(vec, values):
+        """The vector's value: its own parameters, or ``values[vec]`` (step_fold passes fp32 masters)."""
+        return vec() if values is None else values[vec]
+
+    def _slot_input_scales(self, values=None) -> Optional[torch.Tensor]:
         if not self.input_scales:
             return None
-        vecs = {b: m() for b, m in self.input_scales.items()}
+        vecs = {b: self._value(m, values) for b, m in self.input_scales.items()}
         return torch.stack([vecs[b] for b in self.slot_branch])
 
-    def _folded_output_scales(self) -> Optional[torch.Tensor]:
+    def _folded_output_scales(self, values=None) -> Optional[torch.Tensor]:
         """Per-row u for the branches whose u is folded (all under DP; v only under DNP)."""
         folded = [b for b in self.output_scales if b not in self.inner_norm_branches]
         if not folded:
@@ -111,17 +118,28 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         for b in self.branches:
             n_slots = self.slot_branch.count(b)
             if b in folded:
-                parts.append(self.output_scales[b]().view(lay.groups, n_slots, lay.rows))
+                parts.append(self._value(self.output_scales[b], values).view(lay.groups, n_slots, lay.rows))
             else:
-                parts.append(torch.ones(lay.groups, n_slots, lay.rows, dtype=self.weight.dtype,
-                                        device=self.weight.device))
-        if self.branch_layout == "qkv":
-            return torch.cat(parts, dim=1)
+                parts.append(None)
+        dtype = next(p for p in parts if p is not None).dtype
+        parts = [p if p is not None else torch.ones(lay.groups, self.slot_branch.count(b), lay.rows, dtype=dtype,
+                                                    device=self.weight.device)
+                 for b, p in zip(self.branches, parts)]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def folded_weight(self) -> torch.Tensor:
         return fold_into_weight(self.weight, self.layout, self._slot_input_scales(),
                                 self._folded_output_scales())
+
+    # -- what step_fold needs (fold once per optimizer step) ----------------------------------------
+    def folded_vectors(self):
+        """The ScaleVectors that live in W_eff (their gradients come from the chain rule under step folds)."""
+        return list(self.input_scales.values()) + [m for b, m in self.output_scales.items()
+                                                   if b not in self.inner_norm_branches]
+
+    def fold_scales(self, values=None):
+        """(gamma per slot [slots, in] or None, u per row [groups, slots, rows] or None)."""
+        return self._slot_input_scales(values), self._folded_output_scales(values)
 
     # -- DNP inner norms --------------------------------------------------------------------------
     def _inner_norm_and_scale(self, out: torch.Tensor) -> torch.Tensor:
@@ -163,7 +181,11 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         if runtime_gather_output:
             raise ValueError("ScaledColumnParallelLinear returns TP-local outputs")
         if self._fold_per_step() and self._folds():
-            out, bias = super().forward(input_, weight=self._step_folded_weight())
+            out, bias = super().forward(input_, weight=self._step_folded_weight())  # FP8: the fold feeds its cast
+        elif (step_weight := self.step_fold.weight_for_forward(self)) is not None:  # step_fold.py
+            out, bias = super().forward(input_, weight=step_weight)
+            if torch.is_grad_enabled():
+                out = self.step_fold.mark_backward(self, out)
         else:
             w_eff = self.folded_weight()
             if w_eff is self.weight:
@@ -179,9 +201,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
     def _refold(self) -> torch.Tensor:
         return self.folded_weight().detach()
 
-    # -- fold once per optimizer step (opt-in; always under FP8, where the fold feeds the FP8 cast) --
+    # -- FP8's own W_eff leaf (FP8ScaledColumnParallelLinear: the fold feeds the FP8 cast) ------------
     def _fold_per_step(self) -> bool:
-        return self.sv.fold_once_per_step and torch.is_grad_enabled()
+        """True where the layer keeps its own per-step W_eff leaf (FP8); step_fold.py then leaves it alone."""
+        return False
 
     def _folds(self) -> bool:
         return bool(self.input_scales) or any(b not in self.inner_norm_branches for b in self.output_scales)
@@ -219,6 +242,11 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         grad, leaf.grad = leaf.grad, None
         torch.autograd.backward(self.folded_weight(), grad)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A load writes W (checkpoints never hold W_eff): whatever fold the weight held is gone.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.step_fold.weight_overwritten(self)
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -230,13 +258,6 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             for b, vec in getattr(self, group_name).items():
                 out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
         return out
-
-
-def flush_step_folds(model_chunks) -> None:
-    """Turn every fold-once-per-step layer's accumulated dL/dW_eff into parameter gradients."""
-    from .training_hooks import gradients_ready
-
-    gradients_ready(model_chunks)
 
 
 def make_post_norm(config, output_size: int, sv: ScaleVectorConfig, tp_group) -> ScaledNorm:

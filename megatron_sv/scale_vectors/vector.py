@@ -92,15 +92,18 @@ class ScaleVector(torch.nn.Module):
         if spec.reparam == "none":
             s = self.weight
         else:
-            direction = self.direction if spec.reparam == "or" else self.log_direction.exp()
+            # in fp32 (one rounding at the end under bf16): the norm is a sum over n elements, TP-split
+            dtype = self.direction.dtype if spec.reparam == "or" else self.log_direction.dtype
+            direction = self.direction.float() if spec.reparam == "or" else self.log_direction.float().exp()
             sumsq = all_reduce_sum(direction.square().sum(), self.tp_group if spec.tp_sharded else None)
             s = direction * torch.rsqrt(sumsq / spec.size)
             if not spec.direction_only:
-                scale = self.magnitude if spec.reparam == "or" else self.log_magnitude.exp()
+                scale = self.magnitude.float() if spec.reparam == "or" else self.log_magnitude.float().exp()
                 if spec.tp_sharded:
                     # The magnitude is replicated but each rank only sees its rows' gradient.
                     scale = sum_grad_over_tp(scale, self.tp_group)
                 s = scale * s
+            s = s.to(dtype)
         if spec.grad_reduction == "tp_sum":
             s = sum_grad_over_tp(s, self.tp_group)
         return s

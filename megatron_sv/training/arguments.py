@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sv-post-sublayer-norm", action="store_true",
                    help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)")
     g.add_argument("--sv-fold-once-per-step", action="store_true",
-                   help="fold scale vectors into the weights once per optimizer step instead of once per "
-                        "micro-batch: faster with gradient accumulation, two weight-sized buffers more per "
-                        "folded linear (same results)")
+                   help="fp32: cache every folded linear's W_eff once per optimizer step (one weight-sized "
+                        "fp32 buffer per folded linear during forward/backward) instead of letting the cost "
+                        "model choose per layer; under --bf16 weights are always folded once per step, at "
+                        "the optimizer's master->model copy, at no memory cost (docs/performance.md)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP degree (MoE)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradients bucket by bucket while the backward pass runs")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters bucket by bucket during "
+                        "the next forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="timeout of collective operations")
 
@@ -410,6 +416,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.data_parallel_size = validate_parallel_sizes(world_size, tp, pp, ep)
     except ValueError as e:
         _fail(f"{e} (launch with a world size that is a multiple of TP x PP)")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        _fail("--overlap-param-gather needs --overlap-grad-reduce")
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.num_attention_heads % tp:

@@ -123,9 +123,15 @@ class Trainer:
         self.config = transformer_config(shape, layout, **te_fp8_config)
         self.config.calculate_per_token_loss = True  # token-weighted loss (see _loss_func); DDP sums grads
         model = self.build_gpt(shape)
+        if a.bf16:  # as Megatron-LM: bf16 model weights; fp32 inputs cast in, fp32 outputs on the last stage
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(self.config, model)
         model.to(self.device)
+        # grad_reduce_in_fp32: main_grad accumulates and reduces in fp32 (--accumulate-allreduce-grads-in-fp32)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
+            overlap_param_gather=a.overlap_param_gather,
             use_distributed_optimizer=a.use_distributed_optimizer)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
         from megatron_sv.scale_vectors.training_hooks import wrap_finalize
@@ -155,7 +161,20 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(
             opt_config, [self.model], config_overrides=scale_vector_config_overrides(a.sv_config))
+        # where each folded linear folds (at the optimizer's master -> model copy under --bf16; fp32 by a
+        # cost model); folds the model weights now
+        folder = sv_hooks.optimizer_ready([self.model], self.optimizer, self._fold_policy())
+        self.fold_plans = folder.plans()
         self.scheduler = build_scheduler(self.optimizer, a)
+
+    def _fold_policy(self):
+        from megatron_sv.scale_vectors.step_fold import FOLD_COST_PER_TOKEN, FoldPolicy
+
+        a = self.args
+        return FoldPolicy(mode="step" if a.sv_fold_once_per_step else "auto",
+                          tokens_per_micro_batch=a.micro_batch_size * a.seq_length,
+                          micro_batches_per_step=a.num_microbatches,
+                          fold_cost_per_token=FOLD_COST_PER_TOKEN.get(self.device.type, FOLD_COST_PER_TOKEN["cuda"]))
 
     def report_start(self):
         from megatron_sv.scale_vectors.param_groups import format_param_group_table, param_group_table
@@ -169,7 +188,8 @@ class Trainer:
             f"global batch {a.global_batch_size} = micro-batch {a.micro_batch_size} x {a.num_microbatches} "
             f"micro-batches x DP {a.data_parallel_size}; seq {a.seq_length}; vocab {a.padded_vocab_size} "
             f"(tokenizer {self.tokenizer.vocab_size}); device {self.device.type}")
-        self.out.print(f"scale vectors: strategy {a.scale_vector_strategy} ({a.sv_config.describe()})")
+        self.out.print(f"scale vectors: strategy {a.scale_vector_strategy} ({a.sv_config.describe()}); "
+                       f"folded linears: {_describe_plans(self.fold_plans)}")
         if getattr(a, "fp8", None) is not None:
             self.out.print(f"precision: {a.fp8.describe()} in every column/row-parallel linear "
                            "(torch._scaled_mm); LM head and everything else bf16")
@@ -222,15 +242,16 @@ class Trainer:
         if state is None:
             self.out.print(f"no checkpoint in {a.load} yet: starting from scratch")
             return
+        # the model weights changed under the optimizer's fp32 masters (--bf16): refresh them, then let the
+        # method refold the weights from the masters
+        if weights_only and hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+        sv_hooks.after_parameters_changed([self.model], self.optimizer)
         if a.finetune:
             self.out.print("--finetune: iteration, consumed samples and schedule restart at 0")
             return
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state.get("consumed_train_samples", self.iteration * a.global_batch_size))
-        # the model weights changed under the DDP/optimizer copies: refresh fp32 main params if any
-        if weights_only and hasattr(self.optimizer, "reload_model_params"):
-            self.optimizer.reload_model_params()
-        sv_hooks.after_parameters_changed([self.model], self.optimizer)
 
     def save(self):
         from megatron_sv.checkpointing import save_checkpoint
@@ -239,9 +260,12 @@ class Trainer:
         extra = {"consumed_train_samples": self.consumed_samples, "args": args_for_checkpoint(a)}
         t0 = time.time()
         self._async_iteration = self.iteration  # the newest background save, named if it fails
+        if a.overlap_param_gather:  # the last step's all-gather is deferred to the next forward: do it now
+            self.model.start_param_sync(force_sync=True)
         save_checkpoint(a.save, self.iteration, [self.model], self.optimizer, self.scheduler, extra,
                         async_queue=self.async_queue, log=self.out.print,
-                        optimizer_format=a.dist_ckpt_optim_format)
+                        optimizer_format=a.dist_ckpt_optim_format,
+                        model_tensors=sv_hooks.checkpoint_tensors([self.model], self.optimizer))
         self.out.print(f"checkpoint save of iteration {self.iteration} took {time.time() - t0:.2f} s"
                        + (" (async; finishing in the background)" if self.async_queue is not None else ""))
 
@@ -443,6 +467,14 @@ class Trainer:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.async_queue = AsyncCallsQueue()
+
+
+_PLAN_NAMES = {"master": "folded at the master->model copy once per step",
+               "cached": "cached fold once per step", "micro_batch": "folded per micro-batch"}
+
+
+def _describe_plans(plans) -> str:
+    return ", ".join(f"{n} {_PLAN_NAMES[k]}" for k, n in sorted(plans.items())) or "none"
 
 
 def _memory() -> str:

@@ -34,6 +34,26 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float))
 
 
+def _unwrapped(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def full_main_grad(param, optimizer) -> torch.Tensor:
+    """The reduced fp32 gradient of ``param`` (under the distributed optimizer each rank holds its owned
+    range only: gathered over the data-parallel group)."""
+    from megatron_sv.scale_vectors.step_fold import Masters
+
+    shard = Masters(optimizer).shard(param)
+    if shard.group is None or torch.distributed.get_world_size(shard.group) == 1:
+        return param.main_grad.detach().float().clone()
+    full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    full[shard.start:shard.end] = param.main_grad.detach().view(-1)[shard.start:shard.end]
+    torch.distributed.all_reduce(full, group=shard.group)
+    return full.view_as(param)
+
+
 def train_steps(
     parallel: Dict[str, int],
     config_overrides: Optional[Dict[str, Any]] = None,
@@ -53,6 +73,9 @@ def train_steps(
     bf16: bool = False,
     tokens: Optional[Callable[[int, int], torch.Tensor]] = None,
     full_grads: bool = False,
+    fold_policy: Optional[Any] = None,
+    ddp_overrides: Optional[Dict[str, Any]] = None,
+    step_hook: Optional[Callable[[int, Any, Any], None]] = None,
 ) -> Dict[str, Any]:
     """Initialize distributed state with ``parallel`` (tensor/pipeline/expert_model_parallel_size),
     build the baseline model, train ``steps`` steps and return {"losses": [...], "grads": {...}}.
@@ -73,6 +96,12 @@ def train_steps(
     global shape under its checkpoint key (tests.helpers.grads), comparable across layouts. ``keep_process_group``: tear down
     only Megatron's parallel state afterwards, so one spawned job can run several layouts (re-creating
     the default gloo group in the same process can hang).
+    ``bf16``: Megatron's Float16Module and mixed-precision (or distributed) optimizer with fp32 main_grad;
+    the model from ``build_model`` must be built with a bf16 config. ``fold_policy``: the scale-vector
+    fold policy (step_fold.FoldPolicy). Gradients are collected after the training hooks' chain rule,
+    complete also under the distributed optimizer (owned ranges gathered over the DP group).
+    ``ddp_overrides``: extra DistributedDataParallelConfig fields (e.g. overlap_grad_reduce).
+    ``step_hook(step, model, optimizer)`` runs before each step's forward.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state
@@ -109,11 +138,13 @@ def train_steps(
             model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), load_init_from))
         if model_hook is not None:
             model_hook(model)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=use_distributed_optimizer,
-        )
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(**{
+            "grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
+            "use_distributed_optimizer": use_distributed_optimizer, **(ddp_overrides or {})})
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         from megatron_sv.scale_vectors.training_hooks import after_parameters_changed, wrap_finalize
 
@@ -130,6 +161,11 @@ def train_steps(
             config_overrides=optimizer_overrides() if optimizer_overrides is not None else None)
         for group in optimizer.param_groups:
             group["lr"] = opt_config.lr
+        from megatron_sv.scale_vectors import training_hooks
+        from megatron_sv.scale_vectors.step_fold import FoldPolicy
+
+        training_hooks.optimizer_ready([model], optimizer, fold_policy or FoldPolicy(
+            tokens_per_micro_batch=micro_batch_size * SEQ, micro_batches_per_step=num_microbatches))
 
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
@@ -146,6 +182,8 @@ def train_steps(
                 (mine[i:i + micro_batch_size, :-1].contiguous(), mine[i:i + micro_batch_size, 1:].contiguous())
                 for i in range(0, per_rank, micro_batch_size)
             ]
+            if step_hook is not None:
+                step_hook(step, model, optimizer)
             model.zero_grad_buffer()
             optimizer.zero_grad()
             reduced = forward_backward(
@@ -157,14 +195,15 @@ def train_steps(
                 micro_batch_size=micro_batch_size,
                 forward_only=False,
             )
+            training_hooks.before_optimizer_step([model], optimizer)
             if step == 0 and collect_grads is not None:
-                for name, p in model.module.named_parameters():
+                for name, p in _unwrapped(model).named_parameters():
                     if collect_grads(name, p):
-                        grads[name] = p.main_grad.detach().cpu().clone()
+                        grads[name] = full_main_grad(p, optimizer).cpu().clone()
             if step == 0 and full_grads:
                 if use_distributed_optimizer:
                     gather_reduced_grad_shards(model)
-                full = full_gradients(model.module)
+                full = full_gradients(_unwrapped(model))
             ok, grad_norm, _ = optimizer.step()
             assert ok, "optimizer step was skipped"
             after_parameters_changed([model], optimizer)  # as the training loop does (parameter caches)
@@ -183,7 +222,7 @@ def train_steps(
         if full_grads:
             result["full_grads"] = full
         if finish is not None:
-            result["finish"] = finish(model.module)
+            result["finish"] = finish(_unwrapped(model))
         return result
     finally:
         if keep_process_group:
