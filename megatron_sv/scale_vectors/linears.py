@@ -225,7 +225,7 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         if self._step_fold is None or self._step_fold_key != key:
             if self._step_fold is not None and self._step_fold.grad is not None:
                 raise RuntimeError("the parameters changed before the folded-weight gradient was flushed; "
-                                   "call flush_step_folds(model) before the optimizer step")
+                                   "call training_hooks.gradients_ready(model) before the optimizer step")
             with torch.no_grad():
                 self._step_fold = self.folded_weight().detach().requires_grad_(True)
             self._step_fold_key = key
