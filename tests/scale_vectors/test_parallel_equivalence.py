@@ -218,8 +218,9 @@ FOLD_STEP = dict(fold_once_per_step=True)
 
 @pytest.mark.parametrize("strategy", ["dp", "unified"])
 def test_fold_once_per_step_matches_per_micro_batch(strategy):
-    """Folding once per optimizer step (gradient accumulated on W_eff, chain rule applied before the
-    reduction) trains exactly like folding per micro-batch: 4 micro-batches on one rank, and PP2 / TP2+SP."""
+    """The fp32 cached fold once per optimizer step (--sv-fold-once-per-step: dL/dW_eff accumulated in
+    main_grad, chain rule once per step after the reduction) trains exactly like folding per micro-batch:
+    2 micro-batches on one rank, and PP2 / TP2+SP."""
     ref = run_distributed(_job, world_size=1, args=([
         ("micro", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2)),
         ("step", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),

@@ -26,7 +26,8 @@ from tests.helpers.parity import SEQ, VOCAB, train_steps
 # weight (loss off by > 1e-2 after one update at lr 1e-2); bf16 rounding (8 bits of mantissa) moves a
 # gradient by about 2^-8 relative per rounded operand, accumulated over a few operands and reductions.
 GRAD_REL_BF16 = 0.05  # |g_bf16 - g_fp32| / |g_fp32| per tensor
-LOSS_ABS_BF16 = 2e-3  # bf16 layouts vs the TP1 bf16 run (same rounding path up to reduction order)
+LOSS_ABS_BF16 = 2e-3  # bf16 layouts vs the TP1 bf16 run at lr 1e-3 (measured <= 8e-4; a missing fold 2e-3
+#                       at the first forward already, and gradient checks catch it by far)
 
 
 def _build(parallel, strategy: str, bf16: bool, moe: bool = False, fold_once_per_step: bool = False):
@@ -107,6 +108,13 @@ def _plant(name):
     return undo
 
 
+def _set_lr(lr):
+    def hook(step, model, optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return hook if lr is not None else None
+
+
 def _job(rank, world_size, runs):
     from megatron_sv.platform import destroy_distributed
     from megatron_sv.scale_vectors.step_fold import FoldPolicy
@@ -118,6 +126,7 @@ def _job(rank, world_size, runs):
         bf16 = kw.pop("bf16", False)
         moe = kw.pop("moe", False)
         mode = kw.pop("fold", "auto")
+        lr = kw.pop("lr", None)
         undo = _plant(kw.pop("plant", None))
         plans = []
         res = train_steps(parallel, build_model=functools.partial(_build, strategy=strategy, bf16=bf16, moe=moe,
@@ -125,7 +134,7 @@ def _job(rank, world_size, runs):
                           collect_grads=lambda n, p: True, steps=3, model_hook=_randomize_vectors, keep_process_group=True, bf16=bf16,
                           fold_policy=FoldPolicy(mode="micro_batch" if mode == "micro_batch" else "auto"),
                           optimizer_overrides=functools.partial(_overrides, strategy),
-                          finish=lambda m: plans.append(_plans(m)), **kw)
+                          finish=lambda m: plans.append(_plans(m)), step_hook=_set_lr(lr), **kw)
         undo()
         out[key] = {"losses": res["losses"], "grads": res["grads"], "plans": plans[0]}
     destroy_distributed()
@@ -154,14 +163,18 @@ def _assert_grads_close(got, ref, rel, names=None):
 
 
 STRATEGIES = ["hg", "dp", "unified"]
-TP1 = dict(parallel={}, micro_batch_size=1, num_microbatches=2)
+# lr 1e-3: Adam turns bf16 noise in small gradients into full-size updates; at 1e-2 two correct bf16 runs
+# (per-micro-batch fold, TP1 vs TP2+SP, `unified`) drift 1e-2 apart in three steps, at 1e-3 under 1e-3
+TP1 = dict(parallel={}, micro_batch_size=1, num_microbatches=2, lr=1e-3)
 LAYOUTS = {
-    "tp2_sp": dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2),
-    "pp2": dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2),
-    "dp2_distopt": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True),
+    "tp2_sp": dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2, lr=1e-3),
+    "pp2": dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, lr=1e-3),
+    "dp2_distopt": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True,
+                        lr=1e-3),
     # one bucket per parameter (tiny buckets), each sharded over both ranks: every folded weight is split
     # mid-row between the ranks; reduction and parameter all-gather overlap with compute
     "dp2_distopt_overlap": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True,
+                                lr=1e-3,
                                 ddp_overrides=dict(overlap_grad_reduce=True, overlap_param_gather=True,
                                                    bucket_size=1)),
 }
@@ -179,7 +192,7 @@ def results():
     ref = run_distributed(_job, world_size=1, args=(one,), timeout=900)[0]
     two = [((name, s), s, dict(kw, bf16=True)) for name, kw in LAYOUTS.items() for s in STRATEGIES]
     two += [(("ep2", "unified"), "unified", dict(parallel={"ep": 2}, micro_batch_size=1, num_microbatches=1,
-                                                 bf16=True, moe=True))]
+                                                 bf16=True, moe=True, lr=1e-3))]
     return ref, run_distributed(_job, world_size=2, args=(two,), timeout=900)
 
 
@@ -231,8 +244,11 @@ def test_bf16_layouts_match_tp1_bf16(results, layout, strategy):
 def test_bf16_moe_ep2_matches_ep1(results):
     ref, got = results
     expected = torch.tensor(ref[("bf16_moe", "unified")]["losses"])
-    torch.testing.assert_close(torch.tensor(got[0][("ep2", "unified")]["losses"]), expected, rtol=0,
-                               atol=LOSS_ABS_BF16)
+    got = torch.tensor(got[0][("ep2", "unified")]["losses"])
+    # the first step has identical routing; after an update bf16 noise can flip a top-k choice (measured
+    # 3.3e-3 after two updates), a discrete change the dense layouts do not have
+    assert abs(float(got[0] - expected[0])) < LOSS_ABS_BF16
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
 
 
 def test_planted_bugs_are_caught():
@@ -258,3 +274,85 @@ def test_planted_bugs_are_caught():
     with pytest.raises(AssertionError):
         torch.testing.assert_close(torch.tensor(stale["losses"]), torch.tensor(step["losses"]), rtol=2e-5,
                                    atol=2e-6)
+
+
+# -- in-process unit tests ------------------------------------------------------------------------------
+def _qkv_pair(strategy):
+    from megatron_sv.models.gpt.model import GPTShape, transformer_config
+    from megatron_sv.scale_vectors.config import strategy_config
+    from megatron_sv.scale_vectors.linears import ScaledColumnParallelLinear
+
+    shape = GPTShape(num_layers=1, hidden_size=16, num_attention_heads=4, num_query_groups=2, vocab_size=32,
+                     seq_length=8)
+    cfg = transformer_config(shape)
+    sv = strategy_config(strategy)
+    common = dict(config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, sv=sv,
+                  branch_layout="qkv")
+    torch.manual_seed(0)
+    step, ref = ScaledColumnParallelLinear(16, 32, **common), ScaledColumnParallelLinear(16, 32, **common)
+    gen = torch.Generator().manual_seed(3)
+    for vec in list(step.input_scales.values()) + list(step.output_scales.values()):
+        vec.set_value(0.5 + torch.rand(vec.local_size, generator=gen))
+    ref.load_state_dict(step.state_dict())
+    return step, ref
+
+
+def test_row_pieces_cover_a_flat_range_slot_by_slot():
+    from megatron_sv.scale_vectors.step_fold import row_pieces
+
+    rows, cols, block = 12, 5, 4
+    for start, end in [(0, 60), (3, 57), (7, 8), (20, 40), (19, 41), (0, 1)]:
+        seen = []
+        for row0, nrows, col0, ncols, off in row_pieces(start, end, cols, block):
+            assert (row0 + nrows - 1) // block == row0 // block  # one slot per piece
+            assert nrows == 1 or (col0 == 0 and ncols == cols)
+            flat = [(row0 + r) * cols + col0 + c for r in range(nrows) for c in range(ncols)]
+            assert flat[0] - start == off
+            seen += flat
+        assert seen == list(range(start, end))
+
+
+@pytest.mark.parametrize("strategy", ["dp", "unified"])
+def test_chain_rule_once_per_step_equals_autograd(megatron_single_rank, strategy):
+    """fp32, cached plan: two micro-batches accumulate dL/dW_eff, the chain rule turns it into exactly
+    the per-micro-batch autograd gradients of W and of every vector parameter (OR included)."""
+    from megatron_sv.scale_vectors.step_fold import FoldPolicy, attach
+
+    step, ref = _qkv_pair(strategy)
+    folder = attach([step], None, FoldPolicy(mode="step"))
+    assert folder.plans() == {"cached": 1}
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 2, 16, generator=gen) for _ in range(2)]
+    dys = [torch.randn(3, 2, 32, generator=gen) for _ in range(2)]
+    for layer in (step, ref):
+        for x, dy in zip(xs, dys):
+            (layer(x)[0] * dy).sum().backward()
+    for p in step.parameters():  # what Megatron's DDP hook does: main_grad accumulates param.grad
+        p.main_grad = p.grad.detach().clone()
+    folder.apply_chain_rule()
+    named = dict(ref.named_parameters())
+    for name, p in step.named_parameters():
+        # fp32 sum order only (an OR magnitude's gradient is a cancelling sum: absolute 1e-5)
+        torch.testing.assert_close(p.main_grad, named[name].grad, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_cached_fold_follows_parameter_writes_through_data(megatron_single_rank):
+    """Issue 10 item 9: fold once, then the parameters change through .data (as the mixed-precision copy and
+    the distributed optimizer's all-gather write them, without bumping _version): after the training hook
+    after_parameters_changed the next forward uses the new weight and vectors."""
+    from megatron_sv.scale_vectors import training_hooks
+    from megatron_sv.scale_vectors.step_fold import FoldPolicy, attach
+
+    step, ref = _qkv_pair("dp")
+    attach([step], None, FoldPolicy(mode="step"))
+    x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(step(x)[0], ref(x)[0])
+        versions = [p._version for p in step.parameters()]
+        for layer in (step, ref):
+            for p in layer.parameters():
+                p.data.mul_(1.5)
+        assert [p._version for p in step.parameters()] == versions  # invisible to a _version key
+        training_hooks.after_parameters_changed([step])
+        torch.testing.assert_close(step(x)[0], ref(x)[0])
