@@ -117,7 +117,8 @@ case "$MODEL" in
   125m|350m|1b|moe2b)
          SEQ=2048; LR_DEF=3e-4; MIN_LR_DEF=3e-5; WARMUP_DEF=2000; ITERS_DEF=100000; MBS_DEF=4; GBS_DEF=256
          SAVE_DEF=1000; LOG_DEF=10; EVAL_INT_DEF=1000; EVAL_ITERS_DEF=20; SPLIT=969,30,1
-         PRECISION=(--use-distributed-optimizer --bf16); TP_DEF=1; EP_DEF=1 ;;&
+         PRECISION=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --bf16)
+         TP_DEF=1; EP_DEF=1 ;;&
   125m)  ARCH=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --ffn-hidden-size 2048); LR_DEF=6e-4 ;;
   350m)  ARCH=(--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --ffn-hidden-size 2816) ;;
   1b)    ARCH=(--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --group-query-attention

@@ -61,8 +61,9 @@ TRAIN_TOKENS="${TRAIN_TOKENS:-$(( PARAMS * TOKENS_PER_PARAM ))}"
 TRAIN_ITERS="${TRAIN_ITERS:-$(( (TRAIN_TOKENS + GBS * SEQ - 1) / (GBS * SEQ) ))}"
 WARMUP="${WARMUP:-$(( TRAIN_ITERS / 100 > 2000 ? 2000 : TRAIN_ITERS / 100 ))}"
 case "$OPT" in
-  adam) LR="${LR:-$LR_ADAM}"; OPT_ARGS=(--optimizer adam --use-distributed-optimizer) ;;
-  muon) LR="${LR:-$LR_MUON}"; OPT_ARGS=(--optimizer muon) ;;
+  adam) LR="${LR:-$LR_ADAM}"; OPT_ARGS=(--optimizer adam --use-distributed-optimizer --overlap-grad-reduce
+                                       --overlap-param-gather) ;;
+  muon) LR="${LR:-$LR_MUON}"; OPT_ARGS=(--optimizer muon --overlap-grad-reduce) ;;
   *) echo "OPT must be adam or muon" >&2; exit 2 ;;
 esac
 MIN_LR="${MIN_LR:-$(python3 -c "print('%g' % ($LR * $MIN_LR_FRAC))")}"

@@ -273,11 +273,11 @@ SAVE_ERRORS = (Exception, CheckpointException)
 
 
 def _swap_model_tensors(model_state: Dict[str, Any], replacements: Dict[int, torch.Tensor]) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     swapped = 0
-    for sh in model_state.values():
-        if isinstance(sh, ShardedTensor) and id(sh.data) in replacements:
+    for sh in model_state.values():  # a factory (e.g. SwiGLU's fc1 split) builds its pieces from .data at save
+        if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and id(sh.data) in replacements:
             new = replacements[id(sh.data)]
             if new.shape != sh.data.shape or new.dtype != sh.data.dtype:
                 raise CheckpointError(f"{sh.key}: replacement {tuple(new.shape)} {new.dtype} does not match "

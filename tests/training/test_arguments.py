@@ -48,6 +48,8 @@ def test_derived_values():
     (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers 3 is not divisible"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs"),
+    (["--overlap-param-gather", "--overlap-grad-reduce"], 2, "--overlap-param-gather needs --use-distributed-opt"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], 2, "--overlap-param-gather needs --overlap-grad-red"),
     (["--group-query-attention", "--num-query-groups", "3"], 1, "not divisible by --num-query-groups"),
     (["--num-query-groups", "2"], 1, "needs --group-query-attention"),
     (["--expert-model-parallel-size", "2"], 2, "needs --num-experts"),

@@ -18,7 +18,7 @@ def _folded_weight_keys(tensors):
             and not k.startswith("optimizer")]
 
 
-def test_bf16_checkpoint_holds_unfolded_weights(tmp_path):
+def test_bf16_checkpoint_holds_unfolded_weights(tmp_path, megatron_single_rank):
     """The model part stores bf16(W_master), never W_eff (which differs once the vectors moved)."""
     from megatron.core.dist_checkpointing import load_plain_tensors
 
