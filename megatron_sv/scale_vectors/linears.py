@@ -30,6 +30,11 @@ from .vector import ScaleVector, VectorSpec
 BranchLayout = Literal["qkv", "gated_fc1", "fc1"]
 
 
+def _vector_value(vec, values):
+    """The vector's value: from its own parameters, or ``values[vec]`` (step_fold passes fp32 masters)."""
+    return vec() if values is None else values[vec]
+
+
 class ScaledColumnParallelLinear(ColumnParallelLinear):
     """ColumnParallelLinear + scale vectors for its branches (see module docstring)."""
 
@@ -97,15 +102,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             self.gradient_accumulation_fusion = False
 
     # -- folding ----------------------------------------------------------------------------------
-    @staticmethod
-    def _value(vec, values):
-        """The vector's value: its own parameters, or ``values[vec]`` (step_fold passes fp32 masters)."""
-        return vec() if values is None else values[vec]
-
     def _slot_input_scales(self, values=None) -> Optional[torch.Tensor]:
         if not self.input_scales:
             return None
-        vecs = {b: self._value(m, values) for b, m in self.input_scales.items()}
+        vecs = {b: _vector_value(m, values) for b, m in self.input_scales.items()}
         return torch.stack([vecs[b] for b in self.slot_branch])
 
     def _folded_output_scales(self, values=None) -> Optional[torch.Tensor]:
@@ -118,7 +118,7 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         for b in self.branches:
             n_slots = self.slot_branch.count(b)
             if b in folded:
-                parts.append(self._value(self.output_scales[b], values).view(lay.groups, n_slots, lay.rows))
+                parts.append(_vector_value(self.output_scales[b], values).view(lay.groups, n_slots, lay.rows))
             else:
                 parts.append(None)
         dtype = next(p for p in parts if p is not None).dtype

@@ -43,7 +43,6 @@ from typing import Dict, Iterable, List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
 
 from .generation import parameters_generation
 
@@ -161,7 +160,8 @@ class StepFoldState:
 
     def mark_backward(self, linear, out: torch.Tensor) -> torch.Tensor:
         self.chain_rule_pending = True
-        return _ZeroGradsFor.apply(out, *[p for v in linear.folded_vectors() for p in v.parameters()])
+        return _ZeroGradsFor.apply(out, *[p for v in linear.folded_vectors() for p in v.parameters()
+                                          if p.requires_grad])
 
     def weight_overwritten(self, linear) -> None:
         self.weight_holds_fold = False
@@ -379,6 +379,8 @@ class StepFolder:
         for i, lin in enumerate(linears):
             for vec in lin.folded_vectors():
                 for name, q in vec.named_parameters():
+                    if not q.requires_grad:  # a fixed part (not trained): the module's own value is exact
+                        continue
                     shards.append(self.masters.shard(q))
                     params.append(q)
                     where.append((i, vec, name))
@@ -390,7 +392,8 @@ class StepFolder:
 
     @staticmethod
     def _scales(lin, vector_params: Dict) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        values = {vec: functional_call(vec, params, ()) for vec, params in vector_params.items()}
+        # value_from, not a module call: DDP's parameter all-gather pre-hooks must not fire inside a step
+        values = {vec: vec.value_from(vector_params.get(vec, {})) for vec in lin.folded_vectors()}
         s_in, s_out = lin.fold_scales(values)
         return s_in, (s_out.reshape(-1) if s_out is not None else None)
 

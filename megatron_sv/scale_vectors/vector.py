@@ -88,17 +88,26 @@ class ScaleVector(torch.nn.Module):
 
     # -- the vector -------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
+        return self.value_from({})
+
+    def value_from(self, params) -> torch.Tensor:
+        """s computed from ``params`` ({parameter name: tensor}) in place of this module's own parameters
+        (those not given are the module's). Used by the per-step fold with fp32 master values; a plain
+        call, so no module hooks run (DDP's parameter-gather pre-hooks must not fire inside a step)."""
         spec = self.spec
+        p = {**dict(self.named_parameters(recurse=False)), **params}
         if spec.reparam == "none":
-            s = self.weight
+            s = p["weight"]
         else:
             # in fp32 (one rounding at the end under bf16): the norm is a sum over n elements, TP-split
-            dtype = self.direction.dtype if spec.reparam == "or" else self.log_direction.dtype
-            direction = self.direction.float() if spec.reparam == "or" else self.log_direction.float().exp()
+            if spec.reparam == "or":
+                dtype, direction = p["direction"].dtype, p["direction"].float()
+            else:
+                dtype, direction = p["log_direction"].dtype, p["log_direction"].float().exp()
             sumsq = all_reduce_sum(direction.square().sum(), self.tp_group if spec.tp_sharded else None)
             s = direction * torch.rsqrt(sumsq / spec.size)
             if not spec.direction_only:
-                scale = self.magnitude.float() if spec.reparam == "or" else self.log_magnitude.float().exp()
+                scale = p["magnitude"].float() if spec.reparam == "or" else p["log_magnitude"].float().exp()
                 if spec.tp_sharded:
                     # The magnitude is replicated but each rank only sees its rows' gradient.
                     scale = sum_grad_over_tp(scale, self.tp_group)
