@@ -142,6 +142,54 @@ def test_sbatch_trains_names_the_checkpoint_and_it_loads(reference, corpus):
     assert r.returncode == 0 and f"LOADED {ITERS} (1, 32," in r.stdout, r.stdout + r.stderr
 
 
+def test_preemption_saves_and_the_same_command_resumes_with_uninterrupted_losses(slurm_cluster, corpus,
+                                                                                   tmp_path):
+    cluster, save, data = slurm_cluster, tmp_path / "run", dict(DATA_PATH=corpus["DATA_PATH"],
+                                                                  TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"])
+    ends = []  # (job, exit iteration)
+
+    # 1. the time limit's warning: Slurm sends SIGUSR1 up to 30 s before the requested 80 s ahead of the limit
+    #    (its timer runs every 30 s), i.e. 10-40 s after the start of this 2-minute job
+    job = submit(cluster, save, LONG_ITERS, "--time=2", "--signal=USR1@80", data=data)
+    info = cluster.wait_done(job, JOB_TIMEOUT)
+    text = output(save, job)
+    assert_completed(info, text)  # exited by itself, before the limit
+    ends.append((job, exit_iteration(text, "SIGUSR1")))
+    assert tracker(save) == ends[-1][1]
+
+    # 2. the same command resumes (in a longer allocation, so that the time limit's warning does not come
+    #    first); `scancel --signal=USR1` (to the job's steps, as Slurm's warning)
+    job = submit(cluster, save, LONG_ITERS, "--time=6", "--signal=USR1@80", data=data)
+    wait_for_iteration(cluster, job, save, ends[-1][1] + 3)
+    cluster.cmd("scancel", "--signal=USR1", str(job))
+    info = cluster.wait_done(job, JOB_TIMEOUT)
+    text = output(save, job)
+    assert_completed(info, text)
+    assert logged_iterations(text)[0] == ends[-1][1] + 1  # resumed from the checkpoint, not from scratch
+    ends.append((job, exit_iteration(text, "SIGUSR1")))
+    assert tracker(save) == ends[-1][1]
+
+    # 3. plain scancel: SIGTERM to every process of the job, SIGKILL after KillWait
+    job = submit(cluster, save, LONG_ITERS, "--time=6", "--signal=USR1@80", data=data)
+    wait_for_iteration(cluster, job, save, ends[-1][1] + 3)
+    cluster.cmd("scancel", str(job))
+    info = cluster.wait_done(job, JOB_TIMEOUT)
+    text = output(save, job)
+    assert info["JobState"] == "CANCELLED", info
+    assert logged_iterations(text)[0] == ends[-1][1] + 1
+    ends.append((job, exit_iteration(text, "SIGTERM")))
+    assert tracker(save) == ends[-1][1]
+
+    # the same command without interruption, stopped at the last exit iteration by --exit-interval
+    last = ends[-1][1]
+    ref = tmp_path / "uninterrupted"
+    job = submit(cluster, ref, LONG_ITERS, data=data, EXTRA_ARGS=f"{TINY['EXTRA_ARGS']} --exit-interval {last}")
+    assert_completed(cluster.wait_done(job, JOB_TIMEOUT), output(ref, job))
+    want, got = losses(os.path.join(ref, "metrics.jsonl")), losses(os.path.join(save, "metrics.jsonl"))
+    assert sorted(want) == sorted(got) == list(range(1, last + 1)), (ends, sorted(got))
+    assert [got[i] for i in range(1, last + 1)] == [want[i] for i in range(1, last + 1)], ends  # bit-exact
+
+
 def test_requeue_restarts_the_job_and_it_resumes_by_itself(slurm_cluster, corpus, reference, tmp_path):
     cluster, save = slurm_cluster, tmp_path / "run"
     job = submit(cluster, save, ITERS, "--requeue",
