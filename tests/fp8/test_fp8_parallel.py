@@ -2,10 +2,19 @@
 
 Every amax that crosses a tensor-parallel shard is all-reduced, so the FP8 operands (bits and scales) are
 the same at every layout; what remains is the order of fp32 sums (row-parallel reductions, pipeline
-boundaries), so the comparison is tight (fp32 parameters and activations, FP8 GEMMs): losses over 3 Adam
-steps, the global gradient norm of every step (sensitive to a doubled or missing reduction, unlike Adam's
-update) and the first step's gradients of replicated scale vectors. Dropping the amax reduction moves TP2
-away from TP1 by FP8 rounding, outside the tolerances (figures below).
+boundaries), so the comparison is tight (fp32 parameters and activations, FP8 GEMMs): the first step's
+loss, global gradient norm (sensitive to a doubled or missing reduction, unlike Adam's update) and
+gradients of replicated scale vectors, and the loss after the first update (a layout that updates some
+shard differently). Dropping the amax reduction moves TP2 away from TP1 by FP8 rounding already at step 1,
+outside the tolerances (figures below).
+
+Why no tighter check after the first update: an FP8 run is chaotic in the last fp32 bit. Adam turns a
+gradient element near 0 whose sign the fp32 summation order decides into a full +-lr step, and FP8
+rounding turns the weights' last-bit differences into whole FP8 steps. Measured (unified, e4m3 rowwise,
+TP1 against TP1 with a random half of every initial weight moved by one fp32 ulp): step-3 gradient norm
+0.01% and 8.8% off for two seeds (step 2: up to 1.6e-3, loss 9e-7), step-3 loss up to 1.5e-3; the same
+perturbation without FP8 moves the step-3 gradient norm by 1e-5. TP2 against TP1 falls inside that spread
+(step-2 gradient norm up to 3.5e-4, step 3 0.8% to 4%), so such bounds would test luck, not the layout.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ def _job(rank, world_size, runs):
         parallel = kwargs.pop("parallel")
         res = train_steps(parallel, build_model=functools.partial(build_fp8_model, strategy=strategy, fmt=fmt,
                                                                   scaling=scaling),
-                          collect_grads=_replicated_vector, steps=3, keep_process_group=True,
+                          collect_grads=_replicated_vector, steps=2, keep_process_group=True,
                           optimizer_overrides=functools.partial(_overrides, strategy), **kwargs)
         out[key] = {"losses": res["losses"], "grads": res["grads"], "grad_norms": res["grad_norms"]}
     destroy_distributed()
@@ -86,16 +95,15 @@ def test_fp8_layouts_match_tp1(fp8_results, layout, case):
     ref, per_rank = fp8_results
     want, got = ref[(layout, "ref", case)], per_rank[0][(layout, case)]
     assert want["losses"][0] != want["losses"][-1]  # training moved
-    # Steps 1-2 are tight (measured: equal to 1e-7): same FP8 operands, only fp32 sums reordered. By step 3
-    # a value that differs in its last fp32 bit can round to the neighbouring FP8 value and Adam's
-    # normalized update amplifies it (measured: loss 5e-5, gradient norm 4e-4 relative), hence the looser
-    # last step. Without the amax all-reduce: step-1 loss 3e-5 to 7e-5 and gradient norm 7e-4 to 6e-3 off.
+    # Step 1 is tight (measured: equal to 1e-7): same FP8 operands, only fp32 sums reordered. Without the
+    # amax all-reduce: step-1 loss 3e-5 to 7e-5 and gradient norm 7e-4 to 6e-3 off. After the update only the
+    # loss (measured: up to 2.2e-6 off at TP2, 9e-7 between 1-ulp-perturbed TP1 runs); see the docstring.
     lw, lg = torch.tensor(want["losses"]), torch.tensor(got["losses"])
     nw, ng = torch.tensor(want["grad_norms"]), torch.tensor(got["grad_norms"])
-    torch.testing.assert_close(lg[:2], lw[:2], rtol=5e-6, atol=0)
-    torch.testing.assert_close(ng[:2], nw[:2], rtol=1e-5, atol=0)
-    torch.testing.assert_close(lg[2:], lw[2:], rtol=2e-4, atol=0)
-    torch.testing.assert_close(ng[2:], nw[2:], rtol=2e-3, atol=0)
+    assert len(lw) == len(lg) == 2 and len(nw) == len(ng) == 2
+    torch.testing.assert_close(lg[:1], lw[:1], rtol=5e-6, atol=0)
+    torch.testing.assert_close(ng[:1], nw[:1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(lg[1:], lw[1:], rtol=5e-5, atol=0)
     if layout == "tp2_sp":
         for rank in (0, 1):
             grads = per_rank[rank][(layout, case)]["grads"]
