@@ -9,20 +9,11 @@ gradient of each parameter is placed by the same map its checkpoint uses: a layo
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-
-def _leaves(tree) -> Iterator:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
+from megatron_sv.checkpointing.dist import _leaves  # one walker over sharded state dicts
 
 
 def gather_reduced_grad_shards(ddp_model) -> None:
