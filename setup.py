@@ -27,8 +27,16 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "safetensors"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib", "wandb",
-                # tests: torchao's Float8Linear is the independent oracle of our FP8 linears
-                "torchao==0.18.0"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff==0.17.6",
+            "transformers>=4.45",
+            "safetensors",
+            "matplotlib",
+            "wandb",
+            # tests: torchao's Float8Linear is the independent oracle of our FP8 linears
+            "torchao==0.18.0",
+        ],
     },
 )

@@ -27,12 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # layers, hidden, heads, query groups, ffn (SwiGLU), vocab: every FP8 GEMM size a multiple of 16
 SHAPES = {
-    "0.5b": dict(num_layers=24, hidden_size=1280, num_attention_heads=20, num_query_groups=4,
-                 ffn_hidden_size=3456, vocab_size=32768),
-    "1b": dict(num_layers=20, hidden_size=2048, num_attention_heads=16, num_query_groups=4,
-               ffn_hidden_size=5632, vocab_size=32768),
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=128, vocab_size=512),
+    "0.5b": dict(
+        num_layers=24,
+        hidden_size=1280,
+        num_attention_heads=20,
+        num_query_groups=4,
+        ffn_hidden_size=3456,
+        vocab_size=32768,
+    ),
+    "1b": dict(
+        num_layers=20,
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_query_groups=4,
+        ffn_hidden_size=5632,
+        vocab_size=32768,
+    ),
+    "tiny": dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, vocab_size=512
+    ),
 }
 PRECISIONS = {"bf16": None, "fp8-tensorwise": ("hybrid", "tensorwise"), "fp8-rowwise": ("hybrid", "rowwise")}
 
@@ -139,8 +152,10 @@ def bench_shape(args, shape_name, results):
             times[n].append((time.perf_counter() - t0) / args.steps_per_round)
     tokens = args.num_microbatches * args.micro_batch_size * args.seq_length
     out = {"models": {}, "ratios": {}}
-    print(f"{shape_name}: {tokens} tokens/step, {args.rounds} interleaved rounds x {args.steps_per_round} steps",
-          flush=True)
+    print(
+        f"{shape_name}: {tokens} tokens/step, {args.rounds} interleaved rounds x {args.steps_per_round} steps",
+        flush=True,
+    )
     for n in built:
         t = statistics.median(times[n])
         out["models"][n] = {"step_s": t, "tokens_per_s": tokens / t, "peak_gib": memory[n]}
@@ -169,8 +184,11 @@ def main(argv=None):
     args = parse_args(argv)
     init()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"bench_fp8 on {device}: FP8 via torch._scaled_mm vs bf16 (goal FP8 >= 1.3x tokens/s; "
-          f"unified <= 1.04x standard in FP8)", flush=True)
+    print(
+        f"bench_fp8 on {device}: FP8 via torch._scaled_mm vs bf16 (goal FP8 >= 1.3x tokens/s; "
+        f"unified <= 1.04x standard in FP8)",
+        flush=True,
+    )
     results = {"args": vars(args), "device": device}
     for shape_name in args.shapes:
         t0 = time.time()

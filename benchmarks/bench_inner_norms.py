@@ -85,8 +85,10 @@ def main(argv=None):
         for _ in range(args.rounds):
             for name, (fn, mode) in VARIANTS.items():
                 times[name].append(run_once(fn, mode, x, ug, uu, gy))
-        print(f"{dname}: T={args.tokens}, ffn={args.ffn_hidden_size}, {args.threads} threads, "
-              f"median of {args.rounds} interleaved rounds, forward+backward")
+        print(
+            f"{dname}: T={args.tokens}, ffn={args.ffn_hidden_size}, {args.threads} threads, "
+            f"median of {args.rounds} interleaved rounds, forward+backward"
+        )
         for name, ts in times.items():
             print(f"  {name:<24} {statistics.median(ts) * 1e3:8.1f} ms")
     if saved_mode is None:

@@ -56,8 +56,9 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         corpus = os.path.join(d, "corpus.jsonl")
         stats = write_stdlib_corpus(corpus, max_bytes=args.max_bytes)
-        train_sentencepiece(iter_input_texts([corpus]), os.path.join(d, "tok"), vocab_size=args.vocab_size,
-                            input_sentence_size=200_000)
+        train_sentencepiece(
+            iter_input_texts([corpus]), os.path.join(d, "tok"), vocab_size=args.vocab_size, input_sentence_size=200_000
+        )
         tok_args = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": os.path.join(d, "tok.model")}
         print(f"corpus: {stats.num_docs} files, {stats.num_bytes / 1e6:.1f} MB; {os.cpu_count()} CPUs", flush=True)
 
@@ -73,10 +74,14 @@ def main():
         devnull = open(os.devnull, "w")
         rows = {
             "plain": run("plain", lambda pre: plain_loop(corpus, pre + "_text_document", tok_args)),
-            "ours-w1": run("w1", lambda pre: preprocess([corpus], pre, tok_args, workers=1, append_eod=True,
-                                                        log=devnull).total_tokens),
-            "ours-w2": run("w2", lambda pre: preprocess([corpus], pre, tok_args, workers=2, append_eod=True,
-                                                        log=devnull).total_tokens),
+            "ours-w1": run(
+                "w1",
+                lambda pre: preprocess([corpus], pre, tok_args, workers=1, append_eod=True, log=devnull).total_tokens,
+            ),
+            "ours-w2": run(
+                "w2",
+                lambda pre: preprocess([corpus], pre, tok_args, workers=2, append_eod=True, log=devnull).total_tokens,
+            ),
         }
         assert len({tokens for _, tokens in rows.values()}) == 1, rows
         base = rows["plain"][0]

@@ -58,37 +58,80 @@ TIME_TARGET_DEFAULT = 1.01
 MEM_TARGET = 1.01
 BOOTSTRAP_SAMPLES = 2000
 
-PROTOCOL = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
-                ffn_hidden_size=2816, vocab_size=8192, seq_length=2048, micro_batch_size=1,
-                num_microbatches=4, rounds=10, warmup=2)
-QUICK = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
-             vocab_size=256, seq_length=64, micro_batch_size=2, num_microbatches=4, rounds=3, warmup=1)
+PROTOCOL = dict(
+    num_layers=2,
+    hidden_size=1024,
+    num_attention_heads=16,
+    num_query_groups=4,
+    ffn_hidden_size=2816,
+    vocab_size=8192,
+    seq_length=2048,
+    micro_batch_size=1,
+    num_microbatches=4,
+    rounds=10,
+    warmup=2,
+)
+QUICK = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=176,
+    vocab_size=256,
+    seq_length=64,
+    micro_batch_size=2,
+    num_microbatches=4,
+    rounds=3,
+    warmup=1,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategies", nargs="+", default=KEY_SET,
-                   help=f"strategies (standard is always included); 'all' = {' '.join(ALL)}; "
-                        f"{MEGATRON_REFERENCE} = Megatron-Core's local spec")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=KEY_SET,
+        help=f"strategies (standard is always included); 'all' = {' '.join(ALL)}; "
+        f"{MEGATRON_REFERENCE} = Megatron-Core's local spec",
+    )
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], choices=[1, 2],
-                   help="world sizes: 1 rank, or 2 ranks as DP2 (gloo on CPU)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: checks the tool, "
-                   "not the protocol")
+    p.add_argument(
+        "--ranks",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        choices=[1, 2],
+        help="world sizes: 1 rank, or 2 ranks as DP2 (gloo on CPU)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: checks the tool, not the protocol")
     for k, v in PROTOCOL.items():
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} ({QUICK[k]} "
-                       "with --quick)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="CPU threads per setting, split evenly over its ranks")
-    p.add_argument("--cli-flags", default="", help="extra pretrain_gpt_sv.py flags for every strategy "
-                   "(one string), e.g. '--sv-fold-once-per-step'")
-    p.add_argument("--variant", action="append", default=[], metavar="'NAME=STRATEGY FLAGS'",
-                   help="also time STRATEGY with extra pretrain_gpt_sv.py flags, reported as NAME and against "
-                        "STRATEGY (tokens/s ratio); e.g. --variant 'unified+fp8=unified --fp8-format e4m3'")
+        p.add_argument(
+            "--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} ({QUICK[k]} with --quick)"
+        )
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="CPU threads per setting, split evenly over its ranks"
+    )
+    p.add_argument(
+        "--cli-flags",
+        default="",
+        help="extra pretrain_gpt_sv.py flags for every strategy (one string), e.g. '--sv-fold-once-per-step'",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'NAME=STRATEGY FLAGS'",
+        help="also time STRATEGY with extra pretrain_gpt_sv.py flags, reported as NAME and against "
+        "STRATEGY (tokens/s ratio); e.g. --variant 'unified+fp8=unified --fp8-format e4m3'",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", help="write PREFIX.json and PREFIX.md")
-    p.add_argument("--json", help="write one setting's results keyed by strategy (the format "
-                   "tools/ablation_report.py --overhead-json reads); needs one precision and one rank count")
+    p.add_argument(
+        "--json",
+        help="write one setting's results keyed by strategy (the format "
+        "tools/ablation_report.py --overhead-json reads); needs one precision and one rank count",
+    )
     args = p.parse_args(argv)
     base = QUICK if args.quick else PROTOCOL
     for k, v in base.items():
@@ -119,17 +162,44 @@ def cli_flags(opts, name: str, precision: str, world_size: int):
     """The pretrain_gpt_sv.py flags of one strategy (or variant) in one setting."""
     strategy, extra = opts["variants"].get(name, (name, ""))
     flags = [
-        "--num-layers", opts["num_layers"], "--hidden-size", opts["hidden_size"],
-        "--num-attention-heads", opts["num_attention_heads"], "--group-query-attention",
-        "--num-query-groups", opts["num_query_groups"], "--ffn-hidden-size", opts["ffn_hidden_size"],
-        "--seq-length", opts["seq_length"], "--max-position-embeddings", opts["seq_length"],
-        "--swiglu", "--untie-embeddings-and-output-weights",
-        "--micro-batch-size", opts["micro_batch_size"],
-        "--global-batch-size", opts["micro_batch_size"] * opts["num_microbatches"] * world_size,
-        "--lr", "1e-4", "--train-iters", "1000000", "--mock-data", "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", opts["vocab_size"], "--use-distributed-optimizer", "--no-scale-vector-stats",
-        "--eval-iters", "0", "--seed", "1234",
-        "--scale-vector-strategy", "standard" if strategy == MEGATRON_REFERENCE else strategy,
+        "--num-layers",
+        opts["num_layers"],
+        "--hidden-size",
+        opts["hidden_size"],
+        "--num-attention-heads",
+        opts["num_attention_heads"],
+        "--group-query-attention",
+        "--num-query-groups",
+        opts["num_query_groups"],
+        "--ffn-hidden-size",
+        opts["ffn_hidden_size"],
+        "--seq-length",
+        opts["seq_length"],
+        "--max-position-embeddings",
+        opts["seq_length"],
+        "--swiglu",
+        "--untie-embeddings-and-output-weights",
+        "--micro-batch-size",
+        opts["micro_batch_size"],
+        "--global-batch-size",
+        opts["micro_batch_size"] * opts["num_microbatches"] * world_size,
+        "--lr",
+        "1e-4",
+        "--train-iters",
+        "1000000",
+        "--mock-data",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        opts["vocab_size"],
+        "--use-distributed-optimizer",
+        "--no-scale-vector-stats",
+        "--eval-iters",
+        "0",
+        "--seed",
+        "1234",
+        "--scale-vector-strategy",
+        "standard" if strategy == MEGATRON_REFERENCE else strategy,
     ]
     if precision == "bf16":
         flags.append("--bf16")
@@ -137,13 +207,15 @@ def cli_flags(opts, name: str, precision: str, world_size: int):
 
 
 def _trainer(opts, name, precision, world_size):
-    from megatron_sv.training.arguments import padded_vocab_size, parse_args as cli_parse, validate_args
+    from megatron_sv.training.arguments import padded_vocab_size, validate_args
+    from megatron_sv.training.arguments import parse_args as cli_parse
     from megatron_sv.training.data import build_tokenizer_from_args
 
     args = validate_args(cli_parse(cli_flags(opts, name, precision, world_size)), world_size)
     tokenizer = build_tokenizer_from_args(args)
-    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                               args.tensor_model_parallel_size)
+    args.padded_vocab_size = padded_vocab_size(
+        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
     reference = opts["variants"].get(name, (name,))[0] == MEGATRON_REFERENCE
     trainer = (ReferenceTrainer if reference else Trainer)(args, tokenizer)
     torch.manual_seed(1234)
@@ -158,9 +230,12 @@ class ReferenceTrainer(Trainer):
     def build_gpt(self, shape):
         from megatron_sv.models.gpt.reference_model import build_reference_gpt
 
-        return build_reference_gpt(self.config, vocab_size=shape.vocab_size,
-                                   max_sequence_length=shape.max_position_embeddings or shape.seq_length,
-                                   rotary_base=shape.rotary_base)
+        return build_reference_gpt(
+            self.config,
+            vocab_size=shape.vocab_size,
+            max_sequence_length=shape.max_position_embeddings or shape.seq_length,
+            rotary_base=shape.rotary_base,
+        )
 
 
 def _batches(opts, device):
@@ -169,9 +244,17 @@ def _batches(opts, device):
     out = []
     for _ in range(opts["num_microbatches"]):
         t = torch.randint(0, opts["vocab_size"], (mbs, seq + 1), generator=g)
-        out.append({k: v.to(device) for k, v in dict(
-            tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(mbs, seq),
-            position_ids=torch.arange(seq).expand(mbs, seq).contiguous()).items()})
+        out.append(
+            {
+                k: v.to(device)
+                for k, v in dict(
+                    tokens=t[:, :-1].contiguous(),
+                    labels=t[:, 1:].contiguous(),
+                    loss_mask=torch.ones(mbs, seq),
+                    position_ids=torch.arange(seq).expand(mbs, seq).contiguous(),
+                ).items()
+            }
+        )
     return out
 
 
@@ -239,8 +322,9 @@ def build_and_measure(opts, name, precision, world_size, batches, measure: bool)
 
 
 def _world_main(rank, world_size, port, opts, precision, result_path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(max(1, opts["threads"] // world_size))
     from megatron_sv.platform import current_device, destroy_distributed, initialize_distributed
     from megatron_sv.scale_vectors.stats import parameter_report
@@ -262,11 +346,10 @@ def _world_main(rank, world_size, port, opts, precision, result_path):
                 trainers[s].train_step(batches)
         per_round = time.perf_counter() - t_warm
         if rank == 0:
-            print(f"  warm-up done; about {per_round * opts['rounds'] / 60:.1f} min of timed rounds follow",
-                  flush=True)
+            print(f"  warm-up done; about {per_round * opts['rounds'] / 60:.1f} min of timed rounds follow", flush=True)
         times = {s: [] for s in strategies}
         for r in range(opts["rounds"]):
-            order = strategies[r % len(strategies):] + strategies[:r % len(strategies)]
+            order = strategies[r % len(strategies) :] + strategies[: r % len(strategies)]
             for s in order:
                 _sync()
                 t0 = time.perf_counter()
@@ -274,8 +357,11 @@ def _world_main(rank, world_size, port, opts, precision, result_path):
                 _sync()
                 times[s].append(time.perf_counter() - t0)
             if rank == 0:
-                print(f"  round {r + 1}/{opts['rounds']}: "
-                      + ", ".join(f"{s} {times[s][-1] * 1e3:.0f} ms" for s in strategies), flush=True)
+                print(
+                    f"  round {r + 1}/{opts['rounds']}: "
+                    + ", ".join(f"{s} {times[s][-1] * 1e3:.0f} ms" for s in strategies),
+                    flush=True,
+                )
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(dict(times=times, memory=memory, sv_params=sv_params), f)
@@ -295,8 +381,7 @@ def run_setting(opts, precision: str, world_size: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        mp.spawn(_world_main, args=(world_size, _free_port(), opts, precision, path), nprocs=world_size,
-                 join=True)
+        mp.spawn(_world_main, args=(world_size, _free_port(), opts, precision, path), nprocs=world_size, join=True)
         with open(path) as f:
             return json.load(f)
 
@@ -329,41 +414,61 @@ def summarize(raw: dict, precision: str, world_size: int, opts: dict) -> list:
             tt = TIME_TARGET.get(s, TIME_TARGET_DEFAULT)
             ok = med <= tt and (mem_ratio is None or mem_ratio <= MEM_TARGET)
             target = f"<= {tt:.2f}x time, <= {MEM_TARGET:.2f}x mem: {'yes' if ok else 'no'}"
-        rows.append(dict(precision=precision, ranks=world_size, strategy=s, ms_per_step=statistics.median(ts) * 1e3,
-                         tokens_per_s=tokens / statistics.median(ts),
-                         time_ratio=med, time_ratio_ci95=[lo, hi], peak_bytes=mem[s]["peak"] if mem else None,
-                         memory_detail=mem.get(s), mem_ratio=mem_ratio,
-                         sv_params=raw["sv_params"][s], target=target, rounds=len(ts)))
+        rows.append(
+            dict(
+                precision=precision,
+                ranks=world_size,
+                strategy=s,
+                ms_per_step=statistics.median(ts) * 1e3,
+                tokens_per_s=tokens / statistics.median(ts),
+                time_ratio=med,
+                time_ratio_ci95=[lo, hi],
+                peak_bytes=mem[s]["peak"] if mem else None,
+                memory_detail=mem.get(s),
+                mem_ratio=mem_ratio,
+                sv_params=raw["sv_params"][s],
+                target=target,
+                rounds=len(ts),
+            )
+        )
     return rows
 
 
 def markdown(rows, header: str) -> str:
-    lines = [header, "",
-             "| precision | ranks | strategy | ms/step | tokens/s | time vs standard (95% CI) | peak MiB "
-             "| memory vs standard | sv params | target met |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
+    lines = [
+        header,
+        "",
+        "| precision | ranks | strategy | ms/step | tokens/s | time vs standard (95% CI) | peak MiB "
+        "| memory vs standard | sv params | target met |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         mib = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
         mr = f"{r['mem_ratio']:.3f}x" if r["mem_ratio"] is not None else "-"
         lo, hi = r["time_ratio_ci95"]
-        lines.append(f"| {r['precision']} | {r['ranks']} | {r['strategy']} | {r['ms_per_step']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} | "
-                     f"{r['time_ratio']:.3f}x ({lo:.3f}-{hi:.3f}) | {mib} | {mr} | {r['sv_params']:,} | "
-                     f"{r['target']} |")
+        lines.append(
+            f"| {r['precision']} | {r['ranks']} | {r['strategy']} | {r['ms_per_step']:.0f} | "
+            f"{r['tokens_per_s']:.0f} | "
+            f"{r['time_ratio']:.3f}x ({lo:.3f}-{hi:.3f}) | {mib} | {mr} | {r['sv_params']:,} | "
+            f"{r['target']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    opts = {k: getattr(args, k) for k in list(PROTOCOL) + ["threads", "cli_flags", "skip_memory", "strategies",
-                                                          "variants"]}
+    opts = {
+        k: getattr(args, k) for k in list(PROTOCOL) + ["threads", "cli_flags", "skip_memory", "strategies", "variants"]
+    }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    header = (f"{'QUICK MODE (tiny shapes; not the protocol). ' if args.quick else ''}"
-              f"Device: {device}; hidden {args.hidden_size}, {args.num_layers} layers, ffn {args.ffn_hidden_size}, "
-              f"{args.num_microbatches} micro-batches x {args.micro_batch_size * args.seq_length} tokens per rank, "
-              f"distributed optimizer, {args.rounds} interleaved rounds (median ratio, bootstrap 95% CI), "
-              f"{args.threads} threads per setting; torch {torch.__version__}; "
-              f"extra flags: '{args.cli_flags}'.")
+    header = (
+        f"{'QUICK MODE (tiny shapes; not the protocol). ' if args.quick else ''}"
+        f"Device: {device}; hidden {args.hidden_size}, {args.num_layers} layers, ffn {args.ffn_hidden_size}, "
+        f"{args.num_microbatches} micro-batches x {args.micro_batch_size * args.seq_length} tokens per rank, "
+        f"distributed optimizer, {args.rounds} interleaved rounds (median ratio, bootstrap 95% CI), "
+        f"{args.threads} threads per setting; torch {torch.__version__}; "
+        f"extra flags: '{args.cli_flags}'."
+    )
     rows = []
     for precision in args.precisions:
         for world_size in args.ranks:

@@ -47,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=4)
-    p.add_argument("--fp8-recipe", default=os.environ.get("FP8_RECIPE", "tensorwise"),
-                   choices=["tensorwise", "delayed"])
+    p.add_argument(
+        "--fp8-recipe", default=os.environ.get("FP8_RECIPE", "tensorwise"), choices=["tensorwise", "delayed"]
+    )
     p.add_argument("--strategies", nargs="+", default=["standard", "unified"])
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -86,7 +87,7 @@ class ByteCorpus:
         out = []
         for _ in range(num):
             starts = torch.randint(0, self.data.numel() - seq - 1, (mbs,), generator=g)
-            t = torch.stack([self.data[s:s + seq + 1] for s in starts.tolist()]).to(device)
+            t = torch.stack([self.data[s : s + seq + 1] for s in starts.tolist()]).to(device)
             out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
         return out
 
@@ -95,15 +96,19 @@ def build(args, strategy: str, impl: str, fp8: bool):
     from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                     num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                     ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size,
-                     seq_length=args.seq_length)
+    shape = GPTShape(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=args.vocab_size,
+        seq_length=args.seq_length,
+    )
     extra = dict(fp8="hybrid", fp8_recipe=args.fp8_recipe) if fp8 else {}
     cfg = transformer_config(shape, ParallelLayout(bf16=True), **extra)
     torch.manual_seed(1234)  # same weights for every backend/precision of a strategy
-    model = build_gpt_model(shape, strategy_config(strategy), cfg, init_seed=1234,
-                            transformer_impl=impl).cuda()
+    model = build_gpt_model(shape, strategy_config(strategy), cfg, init_seed=1234, transformer_impl=impl).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     return model, opt
 
@@ -155,9 +160,12 @@ def fp8_agreement(args, corpus, results):
         diff = [abs(a - b) for a, b in zip(bf, f8)]
         rel_tail = statistics.mean(diff[tail]) / statistics.mean(bf[tail])
         verdict = "AGREE" if rel_tail < 0.02 else "DISAGREE"
-        print(f"FP8 {strategy}: loss bf16 {bf[0]:.3f} -> {bf[-1]:.4f}, fp8 {f8[0]:.3f} -> {f8[-1]:.4f}; "
-              f"mean |diff| last 10 steps {statistics.mean(diff[tail]):.4f} ({100 * rel_tail:.2f}%), "
-              f"max |diff| {max(diff):.4f}: {verdict} (threshold 2%)", flush=True)
+        print(
+            f"FP8 {strategy}: loss bf16 {bf[0]:.3f} -> {bf[-1]:.4f}, fp8 {f8[0]:.3f} -> {f8[-1]:.4f}; "
+            f"mean |diff| last 10 steps {statistics.mean(diff[tail]):.4f} ({100 * rel_tail:.2f}%), "
+            f"max |diff| {max(diff):.4f}: {verdict} (threshold 2%)",
+            flush=True,
+        )
         results["fp8"][strategy] = {"bf16": bf, "fp8": f8, "rel_tail_diff": rel_tail, "verdict": verdict}
 
 
@@ -189,8 +197,11 @@ def throughput(args, corpus, results):
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
     fpt = flops_per_token(args)
     out = {}
-    print(f"throughput ({args.rounds} interleaved rounds x {args.steps_per_round} steps, "
-          f"{tokens_per_step} tokens/step; MFU vs {peak} TFLOP/s dense bf16):", flush=True)
+    print(
+        f"throughput ({args.rounds} interleaved rounds x {args.steps_per_round} steps, "
+        f"{tokens_per_step} tokens/step; MFU vs {peak} TFLOP/s dense bf16):",
+        flush=True,
+    )
     for n in names:
         t = statistics.median(times[n])
         tps = tokens_per_step / t
@@ -224,8 +235,11 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     init()
     corpus = ByteCorpus()
-    print(f"corpus: {corpus.data.numel() / 1e6:.1f} M byte tokens; model d={args.hidden_size} "
-          f"L={args.num_layers} seq={args.seq_length} x {args.num_microbatches} micro-batches", flush=True)
+    print(
+        f"corpus: {corpus.data.numel() / 1e6:.1f} M byte tokens; model d={args.hidden_size} "
+        f"L={args.num_layers} seq={args.seq_length} x {args.num_microbatches} micro-batches",
+        flush=True,
+    )
     results = {"args": vars(args), "device": torch.cuda.get_device_name()}
     t0 = time.time()
     fp8_agreement(args, corpus, results)

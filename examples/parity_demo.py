@@ -10,7 +10,6 @@ The same seed and data give the same per-step losses (fp32) at any tensor-parall
 import argparse
 import os
 import sys
-from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,9 +37,7 @@ def main():
         os.environ.setdefault("MASTER_PORT", "29517")
     initialize_distributed(tensor_model_parallel_size=world, seed=42)
     vocab, seq, mbs = 128, 16, 2
-    config = reference_config(
-        tensor_model_parallel_size=world, sequence_parallel=args.sequence_parallel and world > 1
-    )
+    config = reference_config(tensor_model_parallel_size=world, sequence_parallel=args.sequence_parallel and world > 1)
     model = build_reference_gpt(config, vocab_size=vocab, max_sequence_length=seq)
     device = current_device()
     model.to(device)  # weights are created on the CPU (use_cpu_initialization)
@@ -48,9 +45,7 @@ def main():
         config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
     )
     config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-2, clip_grad=1.0), [model]
-    )
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-2, clip_grad=1.0), [model])
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
 
@@ -70,13 +65,20 @@ def main():
         model.zero_grad_buffer()
         optimizer.zero_grad()
         out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
-            model=[model], num_microbatches=1, seq_length=seq, micro_batch_size=mbs,
+            forward_step_func=forward_step,
+            data_iterator=iter([(data[:, :-1], data[:, 1:])]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=mbs,
         )
         optimizer.step()
         if rank == 0:
-            print(f"step {step} tp {parallel_state.get_tensor_model_parallel_world_size()} "
-                  f"loss {out[0]['lm loss'].item():.6f}", flush=True)
+            print(
+                f"step {step} tp {parallel_state.get_tensor_model_parallel_world_size()} "
+                f"loss {out[0]['lm loss'].item():.6f}",
+                flush=True,
+            )
     destroy_distributed()
 
 

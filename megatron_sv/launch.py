@@ -51,7 +51,7 @@ def _children() -> List[int]:
         except OSError:
             continue
         # the command name (field 2) may contain spaces; the parent pid is the 2nd field after its ")"
-        if stat[stat.rindex(")") + 2:].split()[1] == me:
+        if stat[stat.rindex(")") + 2 :].split()[1] == me:
             pids.append(int(entry))
     return pids
 

@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", "runs", "build", "dist", "__pycache__", ".pytest_cache", ".venv"}
 TEXT_SUFFIXES = (".md", ".py", ".sh", ".txt", ".cfg", ".ini", ".toml", "Dockerfile")
 # notes that live beside the repository, never in it (spelled in pieces so this file does not match)
-OUTSIDE = re.compile("|".join([r"shared/" + "PAPER", r"shared/" + "DESIGN", "PAPER" + r"\.md",
-                               "DESIGN" + r"\.md", r"\.\./" + "shared"]))
+OUTSIDE = re.compile(
+    "|".join([r"shared/" + "PAPER", r"shared/" + "DESIGN", "PAPER" + r"\.md", "DESIGN" + r"\.md", r"\.\./" + "shared"])
+)
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 
 

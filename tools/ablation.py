@@ -37,11 +37,31 @@ if REPO not in sys.path:  # run as a script from anywhere: import this checkout'
     sys.path.insert(0, REPO)
 
 from megatron_sv.study.launch import (  # noqa: E402
-    code_version, continue_command, launch_record, local_command, local_env, sbatch_command, shell_line, slurm_env)
+    code_version,
+    continue_command,
+    launch_record,
+    local_command,
+    local_env,
+    sbatch_command,
+    shell_line,
+    slurm_env,
+)
 from megatron_sv.study.runlog import (  # noqa: E402
-    RUN_FILE, STUDY_FILE, RunLogError, read_run, run_info)
+    RUN_FILE,
+    STUDY_FILE,
+    RunLogError,
+    read_run,
+    run_info,
+)
 from megatron_sv.study.spec import (  # noqa: E402
-    Plan, Run, Study, StudyError, hypothetical_outcome, load_study, plan_study)
+    Plan,
+    Run,
+    Study,
+    StudyError,
+    hypothetical_outcome,
+    load_study,
+    plan_study,
+)
 
 
 class AblationError(RuntimeError):
@@ -56,6 +76,7 @@ def outcome_from_disk(out: str):
     def outcome(run: Run) -> Optional[float]:
         log = read_run(run_dir(out, run))
         return None if log is None else log.final_valid
+
     return outcome
 
 
@@ -74,7 +95,7 @@ def _comparable(launch: dict) -> dict:
     if launch.get("kind") == "local":
         argv = launch["argv"]
         i = next(i for i, a in enumerate(argv) if a.endswith("pretrain_gpt_sv.py"))
-        return dict(kind="local", argv=argv[i + 1:])
+        return dict(kind="local", argv=argv[i + 1 :])
     return launch
 
 
@@ -88,8 +109,10 @@ def check_existing(study: Study, plan: Plan, out: str) -> None:
             info = json.load(f)
         old, new = _comparable(info.get("launch", {})), _comparable(launch_record(study, run, run_dir(out, run)))
         if old != new:
-            raise AblationError(f"{os.path.dirname(p)} holds a different command than the study plans "
-                                f"({_first_difference(old, new)}); use another --out or restore the study file")
+            raise AblationError(
+                f"{os.path.dirname(p)} holds a different command than the study plans "
+                f"({_first_difference(old, new)}); use another --out or restore the study file"
+            )
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -101,8 +124,11 @@ def _first_difference(old: dict, new: dict) -> str:
             if x != y:
                 return f"argument {i}: {x!r} vs {y!r}"
         return f"{len(a)} vs {len(b)} arguments"
-    keys = sorted(k for k in set(old.get("env", {})) | set(new.get("env", {}))
-                  if old.get("env", {}).get(k) != new.get("env", {}).get(k))
+    keys = sorted(
+        k
+        for k in set(old.get("env", {})) | set(new.get("env", {}))
+        if old.get("env", {}).get(k) != new.get("env", {}).get(k)
+    )
     return "environment " + ", ".join(keys) if keys else "script"
 
 
@@ -149,9 +175,13 @@ def describe(study: Study, plan: Plan, out: str, sec_per_step: float, sec_per_ru
             r = plan.runs[i]
             lines.append(f"  [{state(out, r)}] {r.id}")
     if plan.best_lr:
-        lines.append("best LR (sweep): " + ", ".join(f"{c} {lr:g}" + (f" (at the {plan.at_edge[c]} edge)"
-                                                                   if c in plan.at_edge else "")
-                                                     for c, lr in plan.best_lr.items()))
+        lines.append(
+            "best LR (sweep): "
+            + ", ".join(
+                f"{c} {lr:g}" + (f" (at the {plan.at_edge[c]} edge)" if c in plan.at_edge else "")
+                for c, lr in plan.best_lr.items()
+            )
+        )
     for w in plan.waiting:
         lines.append(f"waiting for: {w}")
     est = plan_study(study, hypothetical_outcome(study))
@@ -159,12 +189,16 @@ def describe(study: Study, plan: Plan, out: str, sec_per_step: float, sec_per_ru
     secs = steps * sec_per_step + len(est.runs) * sec_per_run
     ext = (len(study.sweep.configs) * study.sweep.max_extensions) if study.sweep else 0
     per_stage = ", ".join(f"{s} {len(v)}" for s, v in est.stages.items())
-    lines.append(f"whole study (if no sweep is extended): {len(est.runs)} distinct runs ({per_stage}; shared runs "
-                 f"counted in each stage), {steps:,} steps, {steps * study.tokens_per_step:,} tokens; at "
-                 f"{sec_per_step} s/step + {sec_per_run} s per run: {secs / 3600:.2f} h")
+    lines.append(
+        f"whole study (if no sweep is extended): {len(est.runs)} distinct runs ({per_stage}; shared runs "
+        f"counted in each stage), {steps:,} steps, {steps * study.tokens_per_step:,} tokens; at "
+        f"{sec_per_step} s/step + {sec_per_run} s per run: {secs / 3600:.2f} h"
+    )
     if ext:
-        lines.append(f"each sweep extension adds one run of {study.iters} steps (at most {ext}: "
-                     f"+{ext * (study.iters * sec_per_step + sec_per_run) / 3600:.2f} h)")
+        lines.append(
+            f"each sweep extension adds one run of {study.iters} steps (at most {ext}: "
+            f"+{ext * (study.iters * sec_per_step + sec_per_run) / 3600:.2f} h)"
+        )
     return "\n".join(lines)
 
 
@@ -216,8 +250,9 @@ def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
     with open(os.path.join(d, "stdout.log"), "a") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_line(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=local_env(study), cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=local_env(study), cwd=REPO, start_new_session=True
+        )
         try:
             rc = proc.wait()
         except Interrupted as e:
@@ -230,8 +265,7 @@ def run_one(study: Study, run: Run, out: str) -> Tuple[int, float]:
                 rc = proc.wait()
     _reap_group(proc.pid)
     wall = time.time() - t0
-    _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 code=code)
+    _update_info(run, study, out, rc=rc, wall_s=round(wall, 1), end=time.strftime("%Y-%m-%dT%H:%M:%S"), code=code)
     if interrupted is not None:
         raise interrupted
     return rc, wall
@@ -244,8 +278,7 @@ def cmd_run(study: Study, study_path: str, out: str, deadline_minutes: Optional[
         for stage, ids in plan.stages.items():
             for i in ids:
                 r = plan.runs[i]
-                print(f"# {stage}: {r.id} [{state(out, r)}]\n"
-                      + shell_line(local_command(study, r, run_dir(out, r))))
+                print(f"# {stage}: {r.id} [{state(out, r)}]\n" + shell_line(local_command(study, r, run_dir(out, r))))
         for w in plan.waiting:
             print(f"# waiting for: {w} (planned once those runs are done)")
         return 0
@@ -255,8 +288,10 @@ def cmd_run(study: Study, study_path: str, out: str, deadline_minutes: Optional[
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        raise AblationError(f"another tools/ablation.py run works in {out} ({lock.read().strip()}); two runners "
-                            "would start the same run") from None
+        raise AblationError(
+            f"another tools/ablation.py run works in {out} ({lock.read().strip()}); two runners "
+            "would start the same run"
+        ) from None
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}")
     lock.flush()
@@ -290,8 +325,12 @@ def _run_all(study: Study, out: str, deadline_minutes: Optional[float]) -> int:
         try:
             rc, wall = run_one(study, r, out)
         except Interrupted as e:
-            print(f"{e}: stopped {r.id} at iteration {read_run(run_dir(out, r)).last_iteration} (its last checkpoint "
-                  "is kept); rerun the same command to resume", file=sys.stderr, flush=True)
+            print(
+                f"{e}: stopped {r.id} at iteration {read_run(run_dir(out, r)).last_iteration} (its last checkpoint "
+                "is kept); rerun the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
             return 130
         st = state(out, r)
         print(f"{r.id}: {st} (rc {rc}, {wall:.0f} s; study {(time.time() - t_start) / 60:.1f} min)", flush=True)
@@ -300,8 +339,11 @@ def _run_all(study: Study, out: str, deadline_minutes: Optional[float]) -> int:
     if plan.waiting:
         print("not planned yet: " + "; ".join(plan.waiting), flush=True)
     if failed:
-        print(f"{len(failed)} run(s) did not complete: {', '.join(failed)} (see their stdout.log; rerun the same "
-              "command to resume them)", file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) did not complete: {', '.join(failed)} (see their stdout.log; rerun the same "
+            "command to resume them)",
+            file=sys.stderr,
+        )
         return 1
     print(f"study {study.name}: {len(plan.runs)} runs done ({(time.time() - t_start) / 60:.1f} min in this call)")
     return 0
@@ -368,13 +410,16 @@ def _submit(study: Study, study_path: str, out: str, plan: Plan, dry_run: bool) 
     for w in plan.waiting:
         print(f"# waiting for: {w}")
     if gave_up:
-        print(f"not resubmitted after {study.slurm.max_attempts} attempts: {', '.join(gave_up)} (see their "
-              "slurm-*.out)", file=sys.stderr)
+        print(
+            f"not resubmitted after {study.slurm.max_attempts} attempts: {', '.join(gave_up)} (see their slurm-*.out)",
+            file=sys.stderr,
+        )
     if jobs:
         cont = continue_command(study, study_path, out, jobs)
         if dry_run:
-            print(f"# continuation: submits the next stages and resumes stopped runs after these jobs\n"
-                  f"{shell_line(cont)}")
+            print(
+                f"# continuation: submits the next stages and resumes stopped runs after these jobs\n{shell_line(cont)}"
+            )
             return 0
         cp = os.path.join(out, CONTINUE_FILE)
         pending = json.load(open(cp)).get("job_id") if os.path.exists(cp) else None
@@ -396,13 +441,22 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=["plan", "run", "submit"])
     p.add_argument("study", help="study file (JSON)")
     p.add_argument("--out", required=True, help="the study's directory: one sub-directory per run")
-    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1",
-                   help="print the commands, start nothing (also DRY_RUN=1)")
-    p.add_argument("--deadline-minutes", type=float, default=None,
-                   help="run: start no new run after this many minutes (rerun to continue)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=os.environ.get("DRY_RUN") == "1",
+        help="print the commands, start nothing (also DRY_RUN=1)",
+    )
+    p.add_argument(
+        "--deadline-minutes",
+        type=float,
+        default=None,
+        help="run: start no new run after this many minutes (rerun to continue)",
+    )
     p.add_argument("--sec-per-step", type=float, default=0.28, help="plan: cost model of one training step")
-    p.add_argument("--sec-per-run", type=float, default=25.0,
-                   help="plan: start-up, evaluations and checkpoint saves of one run")
+    p.add_argument(
+        "--sec-per-run", type=float, default=25.0, help="plan: start-up, evaluations and checkpoint saves of one run"
+    )
     a = p.parse_args(argv)
     try:
         study = load_study(a.study)

@@ -31,8 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _sv_flags(p: argparse.ArgumentParser) -> None:
     from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
 
-    p.add_argument("--strategy", "--scale-vector-strategy", dest="strategy", choices=list(STRATEGIES),
-                   default=None, help="target scale-vector strategy")
+    p.add_argument(
+        "--strategy",
+        "--scale-vector-strategy",
+        dest="strategy",
+        choices=list(STRATEGIES),
+        default=None,
+        help="target scale-vector strategy",
+    )
     p.add_argument("--sv-branch-specific", dest="sv_branch_specific", action="store_true", default=None)
     p.add_argument("--no-sv-branch-specific", dest="sv_branch_specific", action="store_false")
     p.add_argument("--sv-placement", choices=PLACEMENTS, default=None)
@@ -43,26 +49,40 @@ def _sv_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
-    p.add_argument("--allow-function-change", action="store_true",
-                   help="allow conversions that cannot preserve the model's function (into or out of "
-                        "dnp/unified's inner norms): the result is a warm start")
+    p.add_argument(
+        "--allow-function-change",
+        action="store_true",
+        help="allow conversions that cannot preserve the model's function (into or out of "
+        "dnp/unified's inner norms): the result is a warm start",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="megatron_sv -> Hugging Face")
     e.add_argument("--load", required=True, help="megatron_sv checkpoint directory (with the tracker file)")
     e.add_argument("--save", required=True, help="output directory for the Hugging Face model")
-    e.add_argument("--vocab-size", type=int, default=None,
-                   help="true vocabulary size (drops padding rows); default: recorded at import, else padded")
+    e.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="true vocabulary size (drops padding rows); default: recorded at import, else padded",
+    )
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     e.add_argument("--max-shard-size-mb", type=int, default=2048)
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--tokenizer-model", default=None,
-                   help="tokenizer to write beside the model as Hugging Face files (a sentencepiece .model or a "
-                        "Hugging Face tokenizer directory); default: the one the checkpoint was trained with")
+    e.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="tokenizer to write beside the model as Hugging Face files (a sentencepiece .model or a "
+        "Hugging Face tokenizer directory); default: the one the checkpoint was trained with",
+    )
     e.add_argument("--no-tokenizer", action="store_true", help="export the model without a tokenizer")
     i = sub.add_parser("import", help="Hugging Face -> megatron_sv")
     i.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
@@ -80,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(a):
-    return dict(branch_specific=a.sv_branch_specific, placement=a.sv_placement, reparam=a.sv_reparam,
-                weight_decay_policy=a.sv_weight_decay_policy, final_norm_role=a.sv_final_norm_role)
+    return dict(
+        branch_specific=a.sv_branch_specific,
+        placement=a.sv_placement,
+        reparam=a.sv_reparam,
+        weight_decay_policy=a.sv_weight_decay_policy,
+        final_norm_role=a.sv_final_norm_role,
+    )
 
 
 def main(argv=None) -> int:
@@ -91,21 +116,44 @@ def main(argv=None) -> int:
 
     try:
         if a.command == "export":
-            export_to_hf(a.load, a.save, vocab_size=a.vocab_size, overwrite=a.overwrite, dtype=a.dtype,
-                         max_shard_bytes=a.max_shard_size_mb << 20, tokenizer_model=a.tokenizer_model,
-                         with_tokenizer=not a.no_tokenizer)
+            export_to_hf(
+                a.load,
+                a.save,
+                vocab_size=a.vocab_size,
+                overwrite=a.overwrite,
+                dtype=a.dtype,
+                max_shard_bytes=a.max_shard_size_mb << 20,
+                tokenizer_model=a.tokenizer_model,
+                with_tokenizer=not a.no_tokenizer,
+            )
         elif a.command == "import":
-            import_from_hf(a.hf_dir, a.save, strategy=a.strategy or "standard", sv_overrides=_overrides(a),
-                           tp=a.target_tensor_parallel_size, pp=a.target_pipeline_parallel_size,
-                           ep=a.target_expert_parallel_size, seq_length=a.seq_length,
-                           make_vocab_size_divisible_by=a.make_vocab_size_divisible_by or 128,
-                           allow_function_change=a.allow_function_change, overwrite=a.overwrite)
+            import_from_hf(
+                a.hf_dir,
+                a.save,
+                strategy=a.strategy or "standard",
+                sv_overrides=_overrides(a),
+                tp=a.target_tensor_parallel_size,
+                pp=a.target_pipeline_parallel_size,
+                ep=a.target_expert_parallel_size,
+                seq_length=a.seq_length,
+                make_vocab_size_divisible_by=a.make_vocab_size_divisible_by or 128,
+                allow_function_change=a.allow_function_change,
+                overwrite=a.overwrite,
+            )
         else:
-            convert_megatron(a.load, a.save, strategy=a.strategy, sv_overrides=_overrides(a),
-                             tp=a.target_tensor_parallel_size, pp=a.target_pipeline_parallel_size,
-                             ep=a.target_expert_parallel_size,
-                             make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, vocab_size=a.vocab_size,
-                             allow_function_change=a.allow_function_change, overwrite=a.overwrite)
+            convert_megatron(
+                a.load,
+                a.save,
+                strategy=a.strategy,
+                sv_overrides=_overrides(a),
+                tp=a.target_tensor_parallel_size,
+                pp=a.target_pipeline_parallel_size,
+                ep=a.target_expert_parallel_size,
+                make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+                vocab_size=a.vocab_size,
+                allow_function_change=a.allow_function_change,
+                overwrite=a.overwrite,
+            )
     except (ConversionError, CheckpointError, ValueError) as err:
         print(f"convert_checkpoint.py {a.command}: error: {err}", file=sys.stderr)
         return 2

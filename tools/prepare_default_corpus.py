@@ -26,14 +26,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--vocab-size", type=int, default=_DEFAULTS["vocab_size"], help="default: %(default)s")
-    p.add_argument("--max-bytes", type=int, default=None,
-                   help="limit the corpus to about this many bytes (default: all files)")
-    p.add_argument("--input-sentence-size", type=int, default=_DEFAULTS["input_sentence_size"],
-                   help="lines sampled to train the tokenizer (default: %(default)s)")
+    p.add_argument(
+        "--max-bytes", type=int, default=None, help="limit the corpus to about this many bytes (default: all files)"
+    )
+    p.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=_DEFAULTS["input_sentence_size"],
+        help="lines sampled to train the tokenizer (default: %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=_DEFAULTS["workers"], help="default: %(default)s")
     args = p.parse_args(argv)
-    m = prepare_default_corpus(args.output_dir, args.vocab_size, args.max_bytes, args.input_sentence_size,
-                               args.workers)
+    m = prepare_default_corpus(args.output_dir, args.vocab_size, args.max_bytes, args.input_sentence_size, args.workers)
     print(f"DATA_PATH={m['data_prefix']}\nTOKENIZER_MODEL={m['tokenizer_model']}\nNUM_TOKENS={m['num_tokens']}")
     return 0
 

@@ -25,12 +25,20 @@ from megatron_sv.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True,
-                   help="jsonl files (.jsonl/.json, one JSON object per line) or plain-text files "
-                        "(one document per file); globs allowed")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="jsonl files (.jsonl/.json, one JSON object per line) or plain-text files "
+        "(one document per file); globs allowed",
+    )
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each JSON object")
-    g.add_argument("--on-malformed", choices=["fail", "skip"], default="fail",
-                   help="malformed jsonl line: stop with file:line (fail) or skip and count (skip)")
+    g.add_argument(
+        "--on-malformed",
+        choices=["fail", "skip"],
+        default="fail",
+        help="malformed jsonl line: stop with file:line (fail) or skip and count (skip)",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", help="sentencepiece .model, or local Hugging Face dir/tokenizer.json")
@@ -41,8 +49,9 @@ def get_args(argv=None):
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    g.add_argument("--allow-empty", action="store_true",
-                   help="write a dataset even when no document survives (refused by default)")
+    g.add_argument(
+        "--allow-empty", action="store_true", help="write a dataset even when no document survives (refused by default)"
+    )
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     g.add_argument("--log-interval", type=int, default=1000, help="progress line every N documents")

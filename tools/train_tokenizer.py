@@ -21,8 +21,12 @@ def get_args(argv=None):
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--input-sentence-size", type=int, default=1_000_000,
-                   help="at most this many lines (a seeded sample) are used for training")
+    p.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=1_000_000,
+        help="at most this many lines (a seeded sample) are used for training",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
@@ -43,8 +47,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {result.model_file}: vocab {result.vocab_size}, trained on "
-          f"{result.num_lines_used} of {result.num_lines_seen} lines")
+    print(
+        f"wrote {result.model_file}: vocab {result.vocab_size}, trained on "
+        f"{result.num_lines_used} of {result.num_lines_seen} lines"
+    )
     return 0
 
 

@@ -189,8 +189,7 @@ def _rng_path(ckpt: str, rank: int) -> str:
 def _broadcast_int(value: int) -> int:
     if not torch.distributed.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.long,
-                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], dtype=torch.long, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
     torch.distributed.broadcast(t, 0)
     return int(t.item())
 
@@ -235,8 +234,9 @@ def save_checkpoint(
     model = _unwrap(model_chunks)
     state: Dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"],
-                                                        metadata=_optimizer_metadata(optimizer_format))
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], metadata=_optimizer_metadata(optimizer_format)
+        )
     if model_tensors:
         _swap_model_tensors(state["model"], model_tensors)
     if scheduler is not None:
@@ -245,8 +245,9 @@ def save_checkpoint(
     state.update(extra or {})
     strategy = get_default_save_sharded_strategy("torch_dist")
     try:
-        request = dist_checkpointing.save(state, ckpt, sharded_strategy=strategy,
-                                          async_sharded_save=async_queue is not None)
+        request = dist_checkpointing.save(
+            state, ckpt, sharded_strategy=strategy, async_sharded_save=async_queue is not None
+        )
         # after save(): it warns about non-empty directories
         os.makedirs(os.path.dirname(_rng_path(ckpt, rank)), exist_ok=True)
         torch.save(_rng_state(), _rng_path(ckpt, rank))
@@ -280,13 +281,16 @@ def _swap_model_tensors(model_state: Dict[str, Any], replacements: Dict[int, tor
         if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and id(sh.data) in replacements:
             new = replacements[id(sh.data)]
             if new.shape != sh.data.shape or new.dtype != sh.data.dtype:
-                raise CheckpointError(f"{sh.key}: replacement {tuple(new.shape)} {new.dtype} does not match "
-                                      f"{tuple(sh.data.shape)} {sh.data.dtype}")
+                raise CheckpointError(
+                    f"{sh.key}: replacement {tuple(new.shape)} {new.dtype} does not match "
+                    f"{tuple(sh.data.shape)} {sh.data.dtype}"
+                )
             sh.data = new
             swapped += 1
     if swapped != len(replacements):
-        raise CheckpointError(f"{len(replacements) - swapped} model tensors to store were not found in the "
-                              "model's sharded state dict")
+        raise CheckpointError(
+            f"{len(replacements) - swapped} model tensors to store were not found in the model's sharded state dict"
+        )
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -318,8 +322,11 @@ def save_failed(exc: BaseException, root: str, iteration: int) -> CheckpointErro
     else:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         cause = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
-    kept = f"the previous checkpoint (iteration {previous}) is kept" if previous is not None else \
-        "no earlier checkpoint exists"
+    kept = (
+        f"the previous checkpoint (iteration {previous}) is kept"
+        if previous is not None
+        else "no earlier checkpoint exists"
+    )
     return CheckpointError(f"saving iteration {iteration} to {ckpt} failed: {cause}; {kept}")
 
 
@@ -364,8 +371,9 @@ def load_checkpoint(
         # load in the format the checkpoint was saved in (a plain optimizer has none)
         fmt = _find_key(common["optimizer"], "param_state_sharding_type") or DEFAULT_OPTIMIZER_FORMAT
         _prime_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
-                                                          metadata=_optimizer_metadata(fmt))
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=True, metadata=_optimizer_metadata(fmt)
+        )
     _report_dropped_magnitudes(ckpt, state["model"], log)
     loaded = dist_checkpointing.load(state, ckpt, sharded_strategy=get_default_load_sharded_strategy(ckpt))
     model.load_state_dict(loaded["model"], strict=True)
@@ -379,13 +387,14 @@ def load_checkpoint(
     if load_rng:
         path = _rng_path(ckpt, _rank())
         saved_args = common.get("args", {})
-        same_layout = all(
-            saved_args.get(k) == common_value for k, common_value in _layout().items())
+        same_layout = all(saved_args.get(k) == common_value for k, common_value in _layout().items())
         if same_layout and os.path.isfile(path):
             _set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
         else:
-            log("RNG state not restored (parallel layout changed); the model has no dropout by default, "
-                "so this only affects runs with dropout")
+            log(
+                "RNG state not restored (parallel layout changed); the model has no dropout by default, "
+                "so this only affects runs with dropout"
+            )
     out = {k: v for k, v in loaded.items() if k not in ("model", "optimizer")}
     out["iteration"] = iteration
     log(f"loaded checkpoint of iteration {iteration} from {ckpt}")
@@ -401,12 +410,15 @@ def _report_dropped_magnitudes(ckpt: str, model_state: Dict[str, Any], log: Call
 
     wanted = {getattr(v, "key", None) for v in _leaves(model_state)}
     saved = dist_checkpointing.load_tensors_metadata(ckpt)
-    dropped = sorted(k for k in saved if k not in wanted and not k.startswith("optimizer.")
-                     and DROPPED_MAGNITUDE.search(k))
+    dropped = sorted(
+        k for k in saved if k not in wanted and not k.startswith("optimizer.") and DROPPED_MAGNITUDE.search(k)
+    )
     if dropped:
-        log(f"checkpoint written before direction-only input vectors: dropping {len(dropped)} redundant "
+        log(
+            f"checkpoint written before direction-only input vectors: dropping {len(dropped)} redundant "
             f"magnitude(s) that the inner norms normalize away ({', '.join(dropped[:4])}"
-            f"{', ...' if len(dropped) > 4 else ''})")
+            f"{', ...' if len(dropped) > 4 else ''})"
+        )
 
 
 def _leaves(tree: Any):

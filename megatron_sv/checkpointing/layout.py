@@ -46,8 +46,9 @@ def read_tracker(root: str) -> Optional[int]:
         raise CheckpointError(f"{path}: negative iteration {iteration}")
     ckpt = checkpoint_dir(root, iteration)
     if not os.path.isfile(os.path.join(ckpt, METADATA_FILENAME)):
-        raise CheckpointError(f"{path} names iteration {iteration}, but {ckpt} is missing or incomplete "
-                              f"(no {METADATA_FILENAME})")
+        raise CheckpointError(
+            f"{path} names iteration {iteration}, but {ckpt} is missing or incomplete (no {METADATA_FILENAME})"
+        )
     return iteration
 
 
@@ -83,8 +84,9 @@ def remove_incomplete_before(root: str, iteration: int) -> None:
             shutil.rmtree(checkpoint_dir(root, i), ignore_errors=True)
 
 
-def check_load_dir(load: str, allow_empty: bool = False,
-                   warn: Callable[[str], None] = lambda msg: None) -> Optional[int]:
+def check_load_dir(
+    load: str, allow_empty: bool = False, warn: Callable[[str], None] = lambda msg: None
+) -> Optional[int]:
     """Validate ``--load``: it must hold a valid tracker, unless ``allow_empty`` (``--load`` equals
     ``--save``: the auto-resume pattern of requeued jobs) and the directory holds no complete
     checkpoint yet. Iteration directories that were never completed (a save killed or failed before
@@ -99,18 +101,25 @@ def check_load_dir(load: str, allow_empty: bool = False,
     found = list_iterations(load)
     incomplete = [i for i in found if (iteration is None or i > iteration) and not is_complete(load, i)]
     if incomplete:
-        warn(f"warning: ignoring incomplete checkpoint directories {incomplete[:5]} in {load} (a save that "
-             f"did not finish); the next save of that iteration replaces them")
+        warn(
+            f"warning: ignoring incomplete checkpoint directories {incomplete[:5]} in {load} (a save that "
+            f"did not finish); the next save of that iteration replaces them"
+        )
     if iteration is None:
         complete = [i for i in found if is_complete(load, i)]
         if allow_empty and not complete:
             return None
         raise CheckpointError(
             f"--load {load!r} has no {TRACKER_FILENAME}"
-            + (f" (found complete iteration directories {complete[:5]}: write the one to resume into "
-               f"{tracker_path(load)})" if complete else
-               f" (found only incomplete iteration directories {found[:5]})" if found else
-               " (not a megatron_sv checkpoint directory)"))
+            + (
+                f" (found complete iteration directories {complete[:5]}: write the one to resume into "
+                f"{tracker_path(load)})"
+                if complete
+                else f" (found only incomplete iteration directories {found[:5]})"
+                if found
+                else " (not a megatron_sv checkpoint directory)"
+            )
+        )
     return iteration
 
 
@@ -137,8 +146,10 @@ def check_free_space(path: str, need_bytes: int, warn: Callable[[str], None]) ->
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe).free
     if free < 2 * need_bytes:
-        warn(f"warning: --save {path!r} has {free / 2**30:.2f} GiB free, room for fewer than two "
-             f"checkpoints of about {need_bytes / 2**30:.2f} GiB each")
+        warn(
+            f"warning: --save {path!r} has {free / 2**30:.2f} GiB free, room for fewer than two "
+            f"checkpoints of about {need_bytes / 2**30:.2f} GiB each"
+        )
 
 
 def check_save_dir(save: str, load: Optional[str]) -> None:
@@ -152,4 +163,5 @@ def check_save_dir(save: str, load: Optional[str]) -> None:
     if (existing or has_tracker) and (load is None or os.path.abspath(load) != os.path.abspath(save)):
         raise CheckpointError(
             f"--save {save!r} already holds checkpoints of another run (iterations {existing[:5]}); "
-            f"pass --load {save} to continue that run, or choose an empty directory")
+            f"pass --load {save} to continue that run, or choose an empty directory"
+        )

@@ -21,8 +21,7 @@ from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, re
 # therefore checked without touching any list (tests/checkpointing/test_model_args.py keeps this honest).
 SHAPE_FIELD_ARG = {"vocab_size": "padded_vocab_size", "post_sublayer_norm": "sv_post_sublayer_norm"}
 SHAPE_FIELDS_NOT_DEFINING = {
-    "seq_length": "the sample length is a data choice (RoPE and learned positions follow "
-                  "--max-position-embeddings)",
+    "seq_length": "the sample length is a data choice (RoPE and learned positions follow --max-position-embeddings)",
     "init_method_std": "only the initialization, which a loaded checkpoint replaces",
     "moe_token_dispatcher_type": "how tokens travel between experts, not what they compute",
     "moe_aux_loss_coeff": "a term of the training loss, not of the model",
@@ -74,8 +73,11 @@ def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[st
         a, b = _resolved(theirs, f.name), _resolved(ours, f.name)
         if a != b:
             arg = SHAPE_FIELD_ARG.get(f.name, f.name)
-            flag = "padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)" \
-                if arg == "padded_vocab_size" else _flag(arg)
+            flag = (
+                "padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)"
+                if arg == "padded_vocab_size"
+                else _flag(arg)
+            )
             out.append(f"{flag}: checkpoint {a!r}, now {b!r}")
     sv_theirs, sv_ours = sv_config_from_args(saved), sv_config_from_args(current)
     for f in _sv_fields():
@@ -150,16 +152,24 @@ def sv_config_from_args(args: Dict[str, Any]):
     return strategy_config(args.get("scale_vector_strategy", "standard"), **overrides)
 
 
-def args_for_model(shape, strategy: str, sv_overrides: Optional[Dict[str, Any]] = None,
-                   layout: Optional[Dict[str, int]] = None, **extra) -> Dict[str, Any]:
+def args_for_model(
+    shape,
+    strategy: str,
+    sv_overrides: Optional[Dict[str, Any]] = None,
+    layout: Optional[Dict[str, int]] = None,
+    **extra,
+) -> Dict[str, Any]:
     """Saved args (plain types) describing ``shape`` and the strategy, in the training CLI's names."""
     ov = sv_overrides or {}
     gqa = shape.num_query_groups is not None and shape.num_query_groups != shape.num_attention_heads
     out: Dict[str, Any] = {SHAPE_FIELD_ARG.get(f.name, f.name): getattr(shape, f.name) for f in _shape_fields()}
-    out.update(ffn_hidden_size=shape.resolved_ffn_hidden_size(), group_query_attention=gqa,
-               num_query_groups=shape.num_query_groups if gqa else None,
-               max_position_embeddings=shape.max_position_embeddings or shape.seq_length,
-               scale_vector_strategy=strategy)
+    out.update(
+        ffn_hidden_size=shape.resolved_ffn_hidden_size(),
+        group_query_attention=gqa,
+        num_query_groups=shape.num_query_groups if gqa else None,
+        max_position_embeddings=shape.max_position_embeddings or shape.seq_length,
+        scale_vector_strategy=strategy,
+    )
     for f in _sv_fields():
         if f.name != "learnable":
             out[_sv_field_arg(f.name)] = ov.get(f.name)
@@ -171,12 +181,18 @@ def args_for_model(shape, strategy: str, sv_overrides: Optional[Dict[str, Any]] 
 
 def pretrain_flags(args: Dict[str, Any]) -> str:
     """The pretrain_gpt_sv.py model flags that rebuild the model a checkpoint holds."""
-    flags = [f"--num-layers {args['num_layers']}", f"--hidden-size {args['hidden_size']}",
-             f"--ffn-hidden-size {args['ffn_hidden_size']}", f"--num-attention-heads {args['num_attention_heads']}",
-             f"--seq-length {args['seq_length']}", f"--max-position-embeddings {args['max_position_embeddings']}",
-             f"--normalization {args['normalization']}", f"--norm-epsilon {args['norm_epsilon']}",
-             f"--position-embedding-type {args['position_embedding_type']}",
-             f"--scale-vector-strategy {args['scale_vector_strategy']}"]
+    flags = [
+        f"--num-layers {args['num_layers']}",
+        f"--hidden-size {args['hidden_size']}",
+        f"--ffn-hidden-size {args['ffn_hidden_size']}",
+        f"--num-attention-heads {args['num_attention_heads']}",
+        f"--seq-length {args['seq_length']}",
+        f"--max-position-embeddings {args['max_position_embeddings']}",
+        f"--normalization {args['normalization']}",
+        f"--norm-epsilon {args['norm_epsilon']}",
+        f"--position-embedding-type {args['position_embedding_type']}",
+        f"--scale-vector-strategy {args['scale_vector_strategy']}",
+    ]
     if args["position_embedding_type"] == "rope":  # the flag is refused for other position embeddings
         flags.append(f"--rotary-base {args['rotary_base']}")
     if args.get("group_query_attention"):

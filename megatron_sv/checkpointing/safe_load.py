@@ -27,10 +27,18 @@ import torch
 
 from megatron_sv.checkpointing.layout import CheckpointError
 
-METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                    "torch.distributed.checkpoint.filesystem")
-PLAIN_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict"),
-                 ("torch", "Size"), ("torch.serialization", "_get_layout")}
+METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
+PLAIN_GLOBALS = {
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+}
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -54,7 +62,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         raise UnsafeCheckpointError(
             f"{self.path}: refusing to unpickle {module}.{name}, which is not a checkpoint metadata class "
-            f"(a crafted file could run code)")
+            f"(a crafted file could run code)"
+        )
 
 
 def read_dcp_metadata(ckpt: str):
@@ -68,8 +77,9 @@ def read_dcp_metadata(ckpt: str):
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or garbage: one line naming the file
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); the file is truncated or "
-                              "corrupt") from None
+        raise CheckpointError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
 
 
 def load_weights_only(path: str, data: Any = None) -> Any:
@@ -83,8 +93,9 @@ def load_weights_only(path: str, data: Any = None) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}); the file is "
-                              "truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}); the file is truncated or corrupt"
+        ) from None
 
 
 def verify_checkpoint_files(ckpt: str) -> Dict[str, Any]:
@@ -102,11 +113,14 @@ def verify_checkpoint_files(ckpt: str) -> Dict[str, Any]:
         if sizes[path] < info.offset + info.length:
             raise CheckpointError(
                 f"{path} is truncated or missing: {max(sizes[path], 0)} bytes, the metadata needs "
-                f"{info.offset + info.length}")
+                f"{info.offset + info.length}"
+            )
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             if getattr(info, "transform_descriptors", None):
-                raise CheckpointError(f"{path}: item {index.fqn} is stored with transforms "
-                                      f"{info.transform_descriptors}, which this loader does not check")
+                raise CheckpointError(
+                    f"{path}: item {index.fqn} is stored with transforms "
+                    f"{info.transform_descriptors}, which this loader does not check"
+                )
             with open(path, "rb") as f:
                 f.seek(info.offset)
                 load_weights_only(path, f.read(info.length))

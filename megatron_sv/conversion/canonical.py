@@ -88,8 +88,10 @@ def _mul(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
 
 def _fold_cols(group_name: str, b: str, frozen: Sequence[str], w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if b in frozen and not _is_ones(s):
-        raise ConversionError(f"{group_name}: the scale would have to be folded into {b}, whose weight is tied "
-                              "to the embedding; untie the embeddings or keep a learnable final-norm scale")
+        raise ConversionError(
+            f"{group_name}: the scale would have to be folded into {b}, whose weight is tied "
+            "to the embedding; untie the embeddings or keep a learnable final-norm scale"
+        )
     return w * s.to(w.dtype)[None, :]
 
 
@@ -99,8 +101,10 @@ def _fold_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def _split_sign(name: str, v: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if bool((v == 0).any()):
-        raise ConversionError(f"{name}: an ER (exponential) scale vector cannot represent zero entries; "
-                              "choose the 'or' or plain reparameterization")
+        raise ConversionError(
+            f"{name}: an ER (exponential) scale vector cannot represent zero entries; "
+            "choose the 'or' or plain reparameterization"
+        )
     if bool((v > 0).all()):
         return v, None
     return v.abs(), torch.sign(v)
@@ -158,8 +162,9 @@ def br_in(g: NormGroup, b: str) -> int:
     return g.branches[b].weight.shape[1]
 
 
-def resolve_output_norm(value: Optional[torch.Tensor], target_has_scale: bool, reparam: str,
-                        name: str) -> Optional[torch.Tensor]:
+def resolve_output_norm(
+    value: Optional[torch.Tensor], target_has_scale: bool, reparam: str, name: str
+) -> Optional[torch.Tensor]:
     """An Output-Norm scale (QK-norm, post-norm) for the target: kept, or dropped (None) when the target
     norm has no scale (the caller has recorded that as a function change)."""
     if value is None:
@@ -167,16 +172,19 @@ def resolve_output_norm(value: Optional[torch.Tensor], target_has_scale: bool, r
     if not target_has_scale:
         return None
     if reparam == "er" and not bool((value > 0).all()):
-        raise ConversionError(f"{name}: an ER scale vector can only hold positive values, and an Output-Norm "
-                              "scale cannot move its sign elsewhere; choose the 'or' or plain reparameterization")
+        raise ConversionError(
+            f"{name}: an ER scale vector can only hold positive values, and an Output-Norm "
+            "scale cannot move its sign elsewhere; choose the 'or' or plain reparameterization"
+        )
     return value.clone()
 
 
 def fold_for_hf(g: NormGroup) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """For export: (norm weight, folded weights, inner-norm output scales). Everything foldable is folded;
     u_b of inner-norm branches stays separate."""
-    t = GroupTarget(shared_scale=True, branch_scales=False,
-                    inner=tuple(b for b, br in g.branches.items() if br.inner_norm))
+    t = GroupTarget(
+        shared_scale=True, branch_scales=False, inner=tuple(b for b, br in g.branches.items() if br.inner_norm)
+    )
     r = resolve_group(g, t, "export", [])
     weights = {b: br.weight for b, br in r.branches.items()}
     inner = {b: br.out_scale for b, br in r.branches.items() if br.inner_norm}
@@ -188,18 +196,24 @@ def fold_for_hf(g: NormGroup) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Di
 # ----------------------------------------------------------------------------------------------------
 def attn_target(sv) -> GroupTarget:
     names = ("q", "k", "v")
-    return GroupTarget(shared_scale=sv.learnable and not sv.branch_specific,
-                       branch_scales=sv.learnable and sv.branch_specific,
-                       output_scales=names if sv.output_side else (),
-                       inner=("q", "k") if sv.has_inner_norms else (), reparam=sv.reparam)
+    return GroupTarget(
+        shared_scale=sv.learnable and not sv.branch_specific,
+        branch_scales=sv.learnable and sv.branch_specific,
+        output_scales=names if sv.output_side else (),
+        inner=("q", "k") if sv.has_inner_norms else (),
+        reparam=sv.reparam,
+    )
 
 
 def mlp_target(sv, branch_names: Sequence[str]) -> GroupTarget:
     inner = tuple(b for b in branch_names if b != "router") if sv.has_inner_norms else ()
-    return GroupTarget(shared_scale=sv.learnable and not sv.branch_specific,
-                       branch_scales=sv.learnable and sv.branch_specific,
-                       output_scales=tuple(branch_names) if sv.output_side else (), inner=inner,
-                       reparam=sv.reparam)
+    return GroupTarget(
+        shared_scale=sv.learnable and not sv.branch_specific,
+        branch_scales=sv.learnable and sv.branch_specific,
+        output_scales=tuple(branch_names) if sv.output_side else (),
+        inner=inner,
+        reparam=sv.reparam,
+    )
 
 
 def final_target(sv) -> GroupTarget:
@@ -210,12 +224,16 @@ def strategy_change_reasons(src_sv, dst_sv, shape) -> List[str]:
     """Function changes known from the two configurations alone (before any tensor is read)."""
     out = []
     if src_sv.has_inner_norms != dst_sv.has_inner_norms:
-        out.append("inner normalizations (DNP: q/k per head, gate/up over the ffn width) are "
-                   + ("added" if dst_sv.has_inner_norms else "removed")
-                   + "; no choice of weights makes the new model compute the old function")
+        out.append(
+            "inner normalizations (DNP: q/k per head, gate/up over the ffn width) are "
+            + ("added" if dst_sv.has_inner_norms else "removed")
+            + "; no choice of weights makes the new model compute the old function"
+        )
     if src_sv.learnable and not dst_sv.learnable and (shape.qk_layernorm or shape.post_sublayer_norm):
-        out.append("the learnable scales of the QK-norm / post-sub-layer Output-Norms are dropped "
-                   "(strategy 'none'); they cannot be folded into a linear map")
+        out.append(
+            "the learnable scales of the QK-norm / post-sub-layer Output-Norms are dropped "
+            "(strategy 'none'); they cannot be folded into a linear map"
+        )
     return out
 
 
@@ -223,4 +241,5 @@ def check_normalization_for_moves(shape, what: str) -> None:
     if shape.normalization != "RMSNorm":
         raise ConversionError(
             f"{what} needs RMSNorm: with LayerNorm the norm's additive shift sits between the scale vectors "
-            f"and the weights, so vectors cannot be moved exactly (this model uses {shape.normalization})")
+            f"and the weights, so vectors cannot be moved exactly (this model uses {shape.normalization})"
+        )

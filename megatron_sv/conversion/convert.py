@@ -44,17 +44,21 @@ def check_output_dir(out: str, overwrite: bool, source: Optional[str] = None) ->
     if source is not None:
         real_src = os.path.realpath(source)
         if real_out == real_src or real_src.startswith(real_out + os.sep) or real_out.startswith(real_src + os.sep):
-            raise ConversionError(f"output {out!r} overlaps the input {source!r} (one is, or contains, the "
-                                  "other); choose an output directory outside the input")
+            raise ConversionError(
+                f"output {out!r} overlaps the input {source!r} (one is, or contains, the "
+                "other); choose an output directory outside the input"
+            )
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ConversionError(f"output {out!r} exists and is not a directory")
         if os.listdir(out) and not overwrite:
             raise ConversionError(f"output directory {out!r} is not empty; pass --overwrite to replace it")
         if os.listdir(out) and not os.path.isfile(os.path.join(out, OUTPUT_MARKER)):
-            raise ConversionError(f"--overwrite replaces only an earlier output of convert_checkpoint.py, and "
-                                  f"{out!r} is not one (no {OUTPUT_MARKER}); remove it yourself or choose "
-                                  "another directory")
+            raise ConversionError(
+                f"--overwrite replaces only an earlier output of convert_checkpoint.py, and "
+                f"{out!r} is not one (no {OUTPUT_MARKER}); remove it yourself or choose "
+                "another directory"
+            )
 
 
 class _Staging:
@@ -112,15 +116,18 @@ def check_target_layout(shape, tp: int, pp: int, ep: int) -> None:
     if shape.num_experts and shape.num_experts % ep:
         problems.append(f"{shape.num_experts} experts are not divisible by EP {ep}")
     if problems:
-        raise ConversionError("target layout TP {} / PP {} / EP {} does not fit the model: {}".format(
-            tp, pp, ep, "; ".join(problems)))
+        raise ConversionError(
+            "target layout TP {} / PP {} / EP {} does not fit the model: {}".format(tp, pp, ep, "; ".join(problems))
+        )
 
 
 def _function_change_gate(reasons: List[str], allow: bool, log: Log) -> None:
     if not reasons:
         return
-    text = ("this conversion is NOT function-preserving: the converted model computes a different function "
-            "(a warm start, not the same model):\n  - " + "\n  - ".join(reasons))
+    text = (
+        "this conversion is NOT function-preserving: the converted model computes a different function "
+        "(a warm start, not the same model):\n  - " + "\n  - ".join(reasons)
+    )
     if not allow:
         raise ConversionError(text + "\npass --allow-function-change to convert anyway")
     log("WARNING: " + text)
@@ -145,13 +152,26 @@ def _export_checks(shape, sv) -> None:
         raise ConversionError("cannot export to Hugging Face: " + "; ".join(problems))
 
 
-def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overwrite: bool = False,
-                 dtype: str = "float32", max_shard_bytes: int = 2 << 30, tokenizer_model: Optional[str] = None,
-                 with_tokenizer: bool = True, log: Log = print) -> Dict:
+def export_to_hf(
+    load: str,
+    out: str,
+    *,
+    vocab_size: Optional[int] = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 << 30,
+    tokenizer_model: Optional[str] = None,
+    with_tokenizer: bool = True,
+    log: Log = print,
+) -> Dict:
     """``tokenizer_model``: the tokenizer to write beside the model (default: the one the checkpoint was
     trained with); ``with_tokenizer=False`` writes the model alone."""
-    from megatron_sv.checkpointing.model_io import (load_common_state, read_checkpoint_args, shape_from_args,
-                                                    sv_config_from_args)
+    from megatron_sv.checkpointing.model_io import (
+        load_common_state,
+        read_checkpoint_args,
+        shape_from_args,
+        sv_config_from_args,
+    )
 
     check_output_dir(out, overwrite, source=load)
     iteration, args = read_checkpoint_args(load)
@@ -164,22 +184,40 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
         tokenizer.check()
         hf_tokenizer = T.load_hf_tokenizer(tokenizer)
         if len(hf_tokenizer) > shape.vocab_size:
-            raise ConversionError(f"vocabulary mismatch: the tokenizer {tokenizer.path!r} has {len(hf_tokenizer)} "
-                                  f"tokens, the checkpoint's embedding {shape.vocab_size} rows")
-    true_vocab = (vocab_size or (common.get("conversion") or {}).get("hf_vocab_size") or args.get("vocab_size")
-                  or (len(hf_tokenizer) if hf_tokenizer is not None else None) or shape.vocab_size)
+            raise ConversionError(
+                f"vocabulary mismatch: the tokenizer {tokenizer.path!r} has {len(hf_tokenizer)} "
+                f"tokens, the checkpoint's embedding {shape.vocab_size} rows"
+            )
+    true_vocab = (
+        vocab_size
+        or (common.get("conversion") or {}).get("hf_vocab_size")
+        or args.get("vocab_size")
+        or (len(hf_tokenizer) if hf_tokenizer is not None else None)
+        or shape.vocab_size
+    )
     if true_vocab > shape.vocab_size:
-        raise ConversionError(f"vocabulary mismatch: --vocab-size {true_vocab} exceeds the checkpoint's padded "
-                              f"vocabulary {shape.vocab_size}")
+        raise ConversionError(
+            f"vocabulary mismatch: --vocab-size {true_vocab} exceeds the checkpoint's padded "
+            f"vocabulary {shape.vocab_size}"
+        )
     if hf_tokenizer is not None and len(hf_tokenizer) > true_vocab:
-        raise ConversionError(f"vocabulary mismatch: the tokenizer has {len(hf_tokenizer)} tokens, more than the "
-                              f"exported vocabulary {true_vocab}")
+        raise ConversionError(
+            f"vocabulary mismatch: the tokenizer has {len(hf_tokenizer)} tokens, more than the "
+            f"exported vocabulary {true_vocab}"
+        )
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     custom = sv.has_inner_norms or shape.qk_layernorm or shape.post_sublayer_norm
-    kind = ("MegatronSVForCausalLM (custom code, trust_remote_code)" if custom else
-            "MixtralForCausalLM" if shape.num_experts else "LlamaForCausalLM")
-    log(f"export: {load} (iteration {iteration}, strategy {args.get('scale_vector_strategy')}: {sv.describe()}) "
-        f"-> {out} as {kind}, vocab {true_vocab}, {dtype}")
+    kind = (
+        "MegatronSVForCausalLM (custom code, trust_remote_code)"
+        if custom
+        else "MixtralForCausalLM"
+        if shape.num_experts
+        else "LlamaForCausalLM"
+    )
+    log(
+        f"export: {load} (iteration {iteration}, strategy {args.get('scale_vector_strategy')}: {sv.describe()}) "
+        f"-> {out} as {kind}, vocab {true_vocab}, {dtype}"
+    )
 
     model = M.build_model(shape, sv)
     M.load_model_checkpoint(load, model)
@@ -203,18 +241,32 @@ def export_to_hf(load: str, out: str, *, vocab_size: Optional[int] = None, overw
             cfg["sv_inner_norm"] = sv.has_inner_norms
             H.copy_remote_code(stage.path)
         cfg["torch_dtype"] = dtype
-        cfg["megatron_sv"] = {"iteration": iteration, "strategy": args.get("scale_vector_strategy"),
-                              "sv": sv.describe(), "padded_vocab_size": shape.vocab_size}
+        cfg["megatron_sv"] = {
+            "iteration": iteration,
+            "strategy": args.get("scale_vector_strategy"),
+            "sv": sv.describe(),
+            "padded_vocab_size": shape.vocab_size,
+        }
         with open(os.path.join(stage.path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         with open(os.path.join(stage.path, "generation_config.json"), "w") as f:
             json.dump({"_from_model_config": True}, f, indent=2)
         stage.commit()
-    log(f"export: wrote {len(files)} safetensors file(s) to {out}" +
-        (f" and the {tokenizer.tokenizer_type} {tokenizer.path} as a Hugging Face tokenizer" if tokenizer else
-         " (no tokenizer: " + ("--no-tokenizer)" if not with_tokenizer else "the checkpoint was trained without one)")))
-    return {"custom_code": custom, "files": files, "vocab_size": true_vocab,
-            "tokenizer": tokenizer.path if tokenizer else None}
+    log(
+        f"export: wrote {len(files)} safetensors file(s) to {out}"
+        + (
+            f" and the {tokenizer.tokenizer_type} {tokenizer.path} as a Hugging Face tokenizer"
+            if tokenizer
+            else " (no tokenizer: "
+            + ("--no-tokenizer)" if not with_tokenizer else "the checkpoint was trained without one)")
+        )
+    )
+    return {
+        "custom_code": custom,
+        "files": files,
+        "vocab_size": true_vocab,
+        "tokenizer": tokenizer.path if tokenizer else None,
+    }
 
 
 def _export_layer(w: H.ShardWriter, p: str, st: LayerState, shape, custom: bool) -> None:
@@ -264,16 +316,18 @@ def _export_layer(w: H.ShardWriter, p: str, st: LayerState, shape, custom: bool)
 # ----------------------------------------------------------------------------------------------------
 def _hf_layer(r: H.SafetensorsReader, hf: H.HFModel, i: int, fused: bool) -> LayerState:
     p = f"model.layers.{i}."
-    attn = NormGroup(r.get(p + "input_layernorm.weight"),
-                     {b: Branch(r.get(f"{p}self_attn.{b}_proj.weight")) for b in ("q", "k", "v")})
+    attn = NormGroup(
+        r.get(p + "input_layernorm.weight"),
+        {b: Branch(r.get(f"{p}self_attn.{b}_proj.weight")) for b in ("q", "k", "v")},
+    )
     if hf.num_experts:
         if fused:
             gate_up, down_all = r.get(p + "mlp.experts.gate_up_proj"), r.get(p + "mlp.experts.down_proj")
             mb = {"router": Branch(r.get(p + "mlp.gate.weight"))}
             down = []
             for e in range(hf.num_experts):
-                mb[f"e{e}.gate"] = Branch(gate_up[e, :hf.ffn].clone())
-                mb[f"e{e}.up"] = Branch(gate_up[e, hf.ffn:].clone())
+                mb[f"e{e}.gate"] = Branch(gate_up[e, : hf.ffn].clone())
+                mb[f"e{e}.up"] = Branch(gate_up[e, hf.ffn :].clone())
                 down.append(down_all[e].clone())
         else:
             q = p + "block_sparse_moe."
@@ -286,8 +340,16 @@ def _hf_layer(r: H.SafetensorsReader, hf: H.HFModel, i: int, fused: bool) -> Lay
     else:
         mb = {"gate": Branch(r.get(p + "mlp.gate_proj.weight")), "up": Branch(r.get(p + "mlp.up_proj.weight"))}
         down = [r.get(p + "mlp.down_proj.weight")]
-    return LayerState(attn, r.get(p + "self_attn.o_proj.weight"), None, None, None,
-                      NormGroup(r.get(p + "post_attention_layernorm.weight"), mb), down, None)
+    return LayerState(
+        attn,
+        r.get(p + "self_attn.o_proj.weight"),
+        None,
+        None,
+        None,
+        NormGroup(r.get(p + "post_attention_layernorm.weight"), mb),
+        down,
+        None,
+    )
 
 
 def _retarget_layer(st: LayerState, sv, shape, name: str, reasons: List[str]) -> LayerState:
@@ -295,20 +357,36 @@ def _retarget_layer(st: LayerState, sv, shape, name: str, reasons: List[str]) ->
     mlp = C.resolve_group(st.mlp, C.mlp_target(sv, list(st.mlp.branches)), f"{name}.mlp", reasons)
     scale = sv.learnable
     return LayerState(
-        attn, st.o_proj,
+        attn,
+        st.o_proj,
         C.resolve_output_norm(st.q_norm, scale, sv.reparam, f"{name}.q_layernorm") if st.q_norm is not None else None,
         C.resolve_output_norm(st.k_norm, scale, sv.reparam, f"{name}.k_layernorm") if st.k_norm is not None else None,
         C.resolve_output_norm(st.post_attn_norm, scale, sv.reparam, f"{name}.post_attn_norm")
-        if st.post_attn_norm is not None else None,
-        mlp, st.down,
+        if st.post_attn_norm is not None
+        else None,
+        mlp,
+        st.down,
         C.resolve_output_norm(st.post_mlp_norm, scale, sv.reparam, f"{name}.post_mlp_norm")
-        if st.post_mlp_norm is not None else None)
+        if st.post_mlp_norm is not None
+        else None,
+    )
 
 
-def import_from_hf(hf_dir: str, out: str, *, strategy: str = "standard", sv_overrides: Optional[Dict] = None,
-                   tp: int = 1, pp: int = 1, ep: int = 1, seq_length: Optional[int] = None,
-                   make_vocab_size_divisible_by: int = 128, allow_function_change: bool = False,
-                   overwrite: bool = False, log: Log = print) -> Dict:
+def import_from_hf(
+    hf_dir: str,
+    out: str,
+    *,
+    strategy: str = "standard",
+    sv_overrides: Optional[Dict] = None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    seq_length: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 128,
+    allow_function_change: bool = False,
+    overwrite: bool = False,
+    log: Log = print,
+) -> Dict:
     from megatron_sv.checkpointing.model_io import args_for_model, pretrain_flags
     from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
 
@@ -322,12 +400,16 @@ def import_from_hf(hf_dir: str, out: str, *, strategy: str = "standard", sv_over
     shape = H.shape_for(hf, padded, seq_length or min(hf.max_position_embeddings, 4096))
     check_target_layout(shape, tp, pp, ep)
     if hf.tied and not sv.learnable and not bool(torch.all(reader.get("model.norm.weight") == 1)):
-        raise ConversionError("strategy 'none' with tied embeddings: the final norm's scale would have to be "
-                              "folded into the LM head, which is the embedding; pick another strategy")
+        raise ConversionError(
+            "strategy 'none' with tied embeddings: the final norm's scale would have to be "
+            "folded into the LM head, which is the embedding; pick another strategy"
+        )
     reasons = C.strategy_change_reasons(STRATEGIES["standard"], sv, shape)
     _function_change_gate(reasons, allow_function_change, log)
-    log(f"import: {hf_dir} ({hf.model_type}, {hf.num_layers} layers, vocab {hf.vocab_size} padded to {padded}) -> "
-        f"{out} with strategy {strategy} ({sv.describe()}), target TP {tp} / PP {pp} / EP {ep}")
+    log(
+        f"import: {hf_dir} ({hf.model_type}, {hf.num_layers} layers, vocab {hf.vocab_size} padded to {padded}) -> "
+        f"{out} with strategy {strategy} ({sv.describe()}), target TP {tp} / PP {pp} / EP {ep}"
+    )
 
     model = M.build_model(shape, sv)
     wr = M.Writer(model)
@@ -338,36 +420,58 @@ def import_from_hf(hf_dir: str, out: str, *, strategy: str = "standard", sv_over
     embed = reader.get("model.embed_tokens.weight")
     M.write_embedding(wr, model, M.pad_rows(embed, padded))
     head = embed if hf.tied else reader.get("lm_head.weight")
-    final = NormGroup(reader.get("model.norm.weight"), {"lm_head": Branch(M.pad_rows(head, padded))},
-                      frozen=("lm_head",) if hf.tied else ())
+    final = NormGroup(
+        reader.get("model.norm.weight"),
+        {"lm_head": Branch(M.pad_rows(head, padded))},
+        frozen=("lm_head",) if hf.tied else (),
+    )
     M.write_final(wr, model, shape, C.resolve_group(final, C.final_target(sv), "final norm", layer_reasons))
     wr.check_complete()
-    args = args_for_model(shape, strategy, overrides, dict(tensor_model_parallel_size=tp,
-                                                             pipeline_model_parallel_size=pp,
-                                                             expert_model_parallel_size=ep),
-                          make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    conversion = {"source": os.path.abspath(hf_dir), "hf_model_type": hf.model_type, "hf_vocab_size": hf.vocab_size,
-                  "function_preserving": not reasons}
+    args = args_for_model(
+        shape,
+        strategy,
+        overrides,
+        dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+    conversion = {
+        "source": os.path.abspath(hf_dir),
+        "hf_model_type": hf.model_type,
+        "hf_vocab_size": hf.vocab_size,
+        "function_preserving": not reasons,
+    }
     flags = pretrain_flags(args)
     tokenizer_files = T.hf_tokenizer_files(hf_dir)
     if tokenizer_files:  # the flags name the final location; the files are copied into the staging directory
-        flags += (f" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
-                  f"{os.path.join(os.path.abspath(out), T.IMPORTED_TOKENIZER_DIR)}")
+        flags += (
+            f" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
+            f"{os.path.join(os.path.abspath(out), T.IMPORTED_TOKENIZER_DIR)}"
+        )
     with _Staging(out) as stage:
-        M.save_model_checkpoint(stage.path, 0, model, {"args": args, "consumed_train_samples": 0,
-                                                       "conversion": conversion})
+        M.save_model_checkpoint(
+            stage.path, 0, model, {"args": args, "consumed_train_samples": 0, "conversion": conversion}
+        )
         if tokenizer_files:
             T.copy_hf_tokenizer(hf_dir, tokenizer_files, stage.path)
         with open(os.path.join(stage.path, "model_flags.txt"), "w") as f:
             f.write(flags + "\n")
         stage.commit()
-    tokenizer_note = (f"the tokenizer is in {os.path.join(out, T.IMPORTED_TOKENIZER_DIR)}" if tokenizer_files else
-                      f"{hf_dir} has no tokenizer files: a tokenizer with {hf.vocab_size} tokens and "
-                      f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} pads to the same {padded}")
-    log(f"import: saved iteration 0 to {out}; train from it with pretrain_gpt_sv.py --load {out} --finetune "
-        f"and the model flags\n  {flags}\n({tokenizer_note})")
-    return {"padded_vocab_size": padded, "function_preserving": not reasons, "flags": flags,
-            "tokenizer_dir": os.path.join(out, T.IMPORTED_TOKENIZER_DIR) if tokenizer_files else None}
+    tokenizer_note = (
+        f"the tokenizer is in {os.path.join(out, T.IMPORTED_TOKENIZER_DIR)}"
+        if tokenizer_files
+        else f"{hf_dir} has no tokenizer files: a tokenizer with {hf.vocab_size} tokens and "
+        f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} pads to the same {padded}"
+    )
+    log(
+        f"import: saved iteration 0 to {out}; train from it with pretrain_gpt_sv.py --load {out} --finetune "
+        f"and the model flags\n  {flags}\n({tokenizer_note})"
+    )
+    return {
+        "padded_vocab_size": padded,
+        "function_preserving": not reasons,
+        "flags": flags,
+        "tokenizer_dir": os.path.join(out, T.IMPORTED_TOKENIZER_DIR) if tokenizer_files else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,12 +488,29 @@ def _release(module) -> None:
         p.data = torch.empty(0, dtype=p.dtype)
 
 
-def convert_megatron(load: str, out: str, *, strategy: Optional[str] = None, sv_overrides: Optional[Dict] = None,
-                     tp: int = 1, pp: int = 1, ep: int = 1, make_vocab_size_divisible_by: Optional[int] = None,
-                     vocab_size: Optional[int] = None, allow_function_change: bool = False,
-                     overwrite: bool = False, log: Log = print) -> Dict:
-    from megatron_sv.checkpointing.model_io import (args_for_model, load_common_state, pretrain_flags,
-                                                    read_checkpoint_args, shape_from_args, sv_config_from_args)
+def convert_megatron(
+    load: str,
+    out: str,
+    *,
+    strategy: Optional[str] = None,
+    sv_overrides: Optional[Dict] = None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    make_vocab_size_divisible_by: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    allow_function_change: bool = False,
+    overwrite: bool = False,
+    log: Log = print,
+) -> Dict:
+    from megatron_sv.checkpointing.model_io import (
+        args_for_model,
+        load_common_state,
+        pretrain_flags,
+        read_checkpoint_args,
+        shape_from_args,
+        sv_config_from_args,
+    )
     from megatron_sv.scale_vectors.config import strategy_config
 
     check_output_dir(out, overwrite, source=load)
@@ -397,17 +518,34 @@ def convert_megatron(load: str, out: str, *, strategy: Optional[str] = None, sv_
     common = load_common_state(load, iteration)
     src_shape, src_sv = shape_from_args(src_args), sv_config_from_args(src_args)
     dst_strategy = strategy or src_args.get("scale_vector_strategy", "standard")
-    overrides = _sv_overrides(sv_overrides) if strategy or sv_overrides else {
-        k[3:]: src_args.get(k) for k in ("sv_branch_specific", "sv_placement", "sv_reparam",
-                                         "sv_weight_decay_policy", "sv_final_norm_role")
-        if src_args.get(k) is not None}
+    overrides = (
+        _sv_overrides(sv_overrides)
+        if strategy or sv_overrides
+        else {
+            k[3:]: src_args.get(k)
+            for k in (
+                "sv_branch_specific",
+                "sv_placement",
+                "sv_reparam",
+                "sv_weight_decay_policy",
+                "sv_final_norm_role",
+            )
+            if src_args.get(k) is not None
+        }
+    )
     dst_sv = strategy_config(dst_strategy, **overrides)
     divisible = make_vocab_size_divisible_by or src_args.get("make_vocab_size_divisible_by") or 128
-    true_vocab = (vocab_size or (common.get("conversion") or {}).get("hf_vocab_size") or src_args.get("vocab_size")
-                  or src_shape.vocab_size)
+    true_vocab = (
+        vocab_size
+        or (common.get("conversion") or {}).get("hf_vocab_size")
+        or src_args.get("vocab_size")
+        or src_shape.vocab_size
+    )
     if true_vocab > src_shape.vocab_size:
-        raise ConversionError(f"vocabulary mismatch: --vocab-size {true_vocab} exceeds the checkpoint's padded "
-                              f"vocabulary {src_shape.vocab_size}")
+        raise ConversionError(
+            f"vocabulary mismatch: --vocab-size {true_vocab} exceeds the checkpoint's padded "
+            f"vocabulary {src_shape.vocab_size}"
+        )
     padded = padded_vocab_size(true_vocab, divisible, tp)
     dst_shape = dataclasses.replace(src_shape, vocab_size=padded)
     check_target_layout(dst_shape, tp, pp, ep)
@@ -416,9 +554,11 @@ def convert_megatron(load: str, out: str, *, strategy: Optional[str] = None, sv_
         C.check_normalization_for_moves(src_shape, "changing the scale-vector placement")
     reasons = [] if verbatim else C.strategy_change_reasons(src_sv, dst_sv, src_shape)
     _function_change_gate(reasons, allow_function_change, log)
-    log(f"convert: {load} (iteration {iteration}, {src_args.get('scale_vector_strategy')}: {src_sv.describe()}) -> "
+    log(
+        f"convert: {load} (iteration {iteration}, {src_args.get('scale_vector_strategy')}: {src_sv.describe()}) -> "
         f"{out} ({dst_strategy}: {dst_sv.describe()}), target TP {tp} / PP {pp} / EP {ep}, padded vocab {padded}"
-        + (" [same vector structure: tensors copied verbatim]" if verbatim else ""))
+        + (" [same vector structure: tensors copied verbatim]" if verbatim else "")
+    )
 
     src = M.build_model(src_shape, src_sv)
     M.load_model_checkpoint(load, src)
@@ -448,15 +588,22 @@ def convert_megatron(load: str, out: str, *, strategy: Optional[str] = None, sv_
     args = dict(src_args)
     args.update(args_for_model(dst_shape, dst_strategy, overrides, layout, make_vocab_size_divisible_by=divisible))
     conversion = dict(common.get("conversion") or {})
-    conversion.update({"converted_from": os.path.abspath(load), "source_strategy": src_args.get("scale_vector_strategy"),
-                       "hf_vocab_size": true_vocab, "function_preserving": not reasons})
-    extra = {"args": args, "conversion": conversion,
-             "consumed_train_samples": common.get("consumed_train_samples", 0)}
+    conversion.update(
+        {
+            "converted_from": os.path.abspath(load),
+            "source_strategy": src_args.get("scale_vector_strategy"),
+            "hf_vocab_size": true_vocab,
+            "function_preserving": not reasons,
+        }
+    )
+    extra = {"args": args, "conversion": conversion, "consumed_train_samples": common.get("consumed_train_samples", 0)}
     with _Staging(out) as stage:
         M.save_model_checkpoint(stage.path, iteration, dst, extra)
         with open(os.path.join(stage.path, "model_flags.txt"), "w") as f:
             f.write(pretrain_flags(args) + "\n")
         stage.commit()
-    log(f"convert: saved iteration {iteration} (model weights only; load with --finetune or --no-load-optim) "
-        f"to {out}\n  model flags: {pretrain_flags(args)}")
+    log(
+        f"convert: saved iteration {iteration} (model weights only; load with --finetune or --no-load-optim) "
+        f"to {out}\n  model flags: {pretrain_flags(args)}"
+    )
     return {"verbatim": verbatim, "function_preserving": not reasons, "padded_vocab_size": padded}

@@ -20,7 +20,7 @@ from megatron_sv.conversion.canonical import ConversionError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 REFUSED_MODEL_TYPES = {
     "qwen2": "Qwen2 has biases on q/k/v, which megatron_sv's GPT (add_bias_linear=False, no qkv-bias "
-             "switch in GPTShape) cannot hold",
+    "switch in GPTShape) cannot hold",
     "qwen2_moe": "Qwen2-MoE has qkv biases and shared experts",
     "qwen3": "Qwen3's per-head QK-norm is not mapped yet",
     "gemma": "Gemma uses (1 + weight) norms and GeLU",
@@ -84,8 +84,10 @@ def _hf_model(c: dict, path: str) -> HFModel:
     if c.get("attention_bias") or c.get("mlp_bias"):
         problems.append("attention_bias / mlp_bias (megatron_sv's linears have no biases)")
     if head_dim * heads != hidden:
-        problems.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hidden} (megatron_sv derives "
-                        "kv_channels = hidden / heads)")
+        problems.append(
+            f"head_dim {head_dim} x {heads} heads != hidden_size {hidden} (megatron_sv derives "
+            "kv_channels = hidden / heads)"
+        )
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):
@@ -98,31 +100,57 @@ def _hf_model(c: dict, path: str) -> HFModel:
     max_pos = int(c.get("max_position_embeddings", 2048))
     window = c.get("sliding_window")
     if window is not None and c.get("use_sliding_window", True) and int(window) < max_pos:
-        problems.append(f"sliding_window {window} < max_position_embeddings {max_pos} (megatron_sv runs full "
-                        "causal attention; set sliding_window to null in config.json if sequences never exceed "
-                        "the window)")
+        problems.append(
+            f"sliding_window {window} < max_position_embeddings {max_pos} (megatron_sv runs full "
+            "causal attention; set sliding_window to null in config.json if sequences never exceed "
+            "the window)"
+        )
     experts = c.get("num_local_experts") if mt == "mixtral" else None
     if mt == "mixtral" and c.get("router_jitter_noise", 0.0):
         problems.append("router_jitter_noise != 0")
     if problems:
         raise ConversionError(f"{path}: unsupported {mt} configuration:\n  " + "\n  ".join(problems))
-    return HFModel(mt, c, int(c["vocab_size"]), hidden, int(c["num_hidden_layers"]), heads,
-                   int(c.get("num_key_value_heads") or heads), head_dim, int(c["intermediate_size"]),
-                   float(c.get("rms_norm_eps", 1e-6)), float(theta), max_pos, bool(c.get("tie_word_embeddings", False)),
-                   experts, int(c.get("num_experts_per_tok", 2)))
+    return HFModel(
+        mt,
+        c,
+        int(c["vocab_size"]),
+        hidden,
+        int(c["num_hidden_layers"]),
+        heads,
+        int(c.get("num_key_value_heads") or heads),
+        head_dim,
+        int(c["intermediate_size"]),
+        float(c.get("rms_norm_eps", 1e-6)),
+        float(theta),
+        max_pos,
+        bool(c.get("tie_word_embeddings", False)),
+        experts,
+        int(c.get("num_experts_per_tok", 2)),
+    )
 
 
 def shape_for(hf: HFModel, padded_vocab: int, seq_length: int):
     from megatron_sv.models.gpt.model import GPTShape
 
     return GPTShape(
-        num_layers=hf.num_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_heads,
-        vocab_size=padded_vocab, seq_length=seq_length, ffn_hidden_size=hf.ffn,
+        num_layers=hf.num_layers,
+        hidden_size=hf.hidden_size,
+        num_attention_heads=hf.num_heads,
+        vocab_size=padded_vocab,
+        seq_length=seq_length,
+        ffn_hidden_size=hf.ffn,
         num_query_groups=hf.num_kv_heads if hf.num_kv_heads != hf.num_heads else None,
-        max_position_embeddings=hf.max_position_embeddings, normalization="RMSNorm", norm_epsilon=hf.eps,
-        swiglu=True, position_embedding_type="rope", rotary_base=int(hf.rope_theta),
-        untie_embeddings_and_output_weights=not hf.tied, num_experts=hf.num_experts, moe_router_topk=hf.topk,
-        moe_ffn_hidden_size=hf.ffn if hf.num_experts else None)
+        max_position_embeddings=hf.max_position_embeddings,
+        normalization="RMSNorm",
+        norm_epsilon=hf.eps,
+        swiglu=True,
+        position_embedding_type="rope",
+        rotary_base=int(hf.rope_theta),
+        untie_embeddings_and_output_weights=not hf.tied,
+        num_experts=hf.num_experts,
+        moe_router_topk=hf.topk,
+        moe_ffn_hidden_size=hf.ffn if hf.num_experts else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,10 +171,17 @@ class SafetensorsReader:
             weight_map = None
         else:
             pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
-            hint = (f" (found {pickles[0]}: pickle files are never loaded; convert them to safetensors with a "
-                    "trusted tool first)") if pickles else ""
-            raise ConversionError(f"{path!r} has no model.safetensors or model.safetensors.index.json "
-                                  f"(missing file){hint}")
+            hint = (
+                (
+                    f" (found {pickles[0]}: pickle files are never loaded; convert them to safetensors with a "
+                    "trusted tool first)"
+                )
+                if pickles
+                else ""
+            )
+            raise ConversionError(
+                f"{path!r} has no model.safetensors or model.safetensors.index.json (missing file){hint}"
+            )
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
@@ -156,8 +191,9 @@ class SafetensorsReader:
             try:
                 self._handles[n] = safe_open(os.path.join(path, n), framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors' own error types: one line naming the file
-                raise ConversionError(f"{os.path.join(path, n)}: not a readable safetensors file ({e}); "
-                                      "truncated or corrupt") from None
+                raise ConversionError(
+                    f"{os.path.join(path, n)}: not a readable safetensors file ({e}); truncated or corrupt"
+                ) from None
         self._path = path
         self._where: Dict[str, str] = {}
         for n, h in self._handles.items():
@@ -166,7 +202,9 @@ class SafetensorsReader:
         if weight_map:
             missing = [k for k in weight_map if k not in self._where]
             if missing:
-                raise ConversionError(f"{path!r}: tensors named by the index are missing from the shards: {missing[:3]}")
+                raise ConversionError(
+                    f"{path!r}: tensors named by the index are missing from the shards: {missing[:3]}"
+                )
 
     def keys(self):
         return self._where.keys()
@@ -193,9 +231,16 @@ def expected_hf_tensors(hf: HFModel, fused_experts: bool) -> Dict[str, Tuple[int
         out["lm_head.weight"] = (v, h)
     for i in range(hf.num_layers):
         p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": (nh * hd, h), p + "self_attn.k_proj.weight": (nkv * hd, h),
-                    p + "self_attn.v_proj.weight": (nkv * hd, h), p + "self_attn.o_proj.weight": (h, nh * hd),
-                    p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": (nh * hd, h),
+                p + "self_attn.k_proj.weight": (nkv * hd, h),
+                p + "self_attn.v_proj.weight": (nkv * hd, h),
+                p + "self_attn.o_proj.weight": (h, nh * hd),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
         if hf.num_experts:
             E = hf.num_experts
             if fused_experts:
@@ -208,8 +253,13 @@ def expected_hf_tensors(hf: HFModel, fused_experts: bool) -> Dict[str, Tuple[int
                     q = f"{p}block_sparse_moe.experts.{e}."
                     out.update({q + "w1.weight": (f, h), q + "w3.weight": (f, h), q + "w2.weight": (h, f)})
         else:
-            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                        p + "mlp.down_proj.weight": (h, f)})
+            out.update(
+                {
+                    p + "mlp.gate_proj.weight": (f, h),
+                    p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f),
+                }
+            )
     return out
 
 
@@ -228,13 +278,18 @@ def check_hf_tensors(reader: SafetensorsReader, hf: HFModel, path: str) -> bool:
             bad.append(f"{k}: {got}, config.json implies {shp}")
     if bad:
         vocab = [b for b in bad if "embed_tokens" in b or "lm_head" in b]
-        head = (f"vocabulary mismatch: config.json vocab_size {hf.vocab_size} does not match the embedding/"
-                f"LM-head tensors\n  " if vocab else "tensor shapes do not match config.json:\n  ")
+        head = (
+            f"vocabulary mismatch: config.json vocab_size {hf.vocab_size} does not match the embedding/"
+            f"LM-head tensors\n  "
+            if vocab
+            else "tensor shapes do not match config.json:\n  "
+        )
         raise ConversionError(f"{path}: " + head + "\n  ".join(bad[:6]))
     extra = [k for k in reader.keys() if k not in expected and not k.endswith("rotary_emb.inv_freq")]
     if extra:
-        raise ConversionError(f"{path}: unexpected tensors (an architecture variant this converter does not "
-                              f"know): {extra[:4]}")
+        raise ConversionError(
+            f"{path}: unexpected tensors (an architecture variant this converter does not know): {extra[:4]}"
+        )
     return fused
 
 
@@ -289,33 +344,60 @@ class ShardWriter:
         return final_names
 
 
-def hf_config_dict(shape, vocab_size: int, strategy: str, custom: bool, bos: Optional[int] = None,
-                   eos: Optional[int] = None) -> dict:
+def hf_config_dict(
+    shape, vocab_size: int, strategy: str, custom: bool, bos: Optional[int] = None, eos: Optional[int] = None
+) -> dict:
     nh = shape.num_attention_heads
     cfg = {
-        "vocab_size": vocab_size, "hidden_size": shape.hidden_size,
-        "intermediate_size": (shape.moe_ffn_hidden_size or shape.resolved_ffn_hidden_size()) if shape.num_experts
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": (shape.moe_ffn_hidden_size or shape.resolved_ffn_hidden_size())
+        if shape.num_experts
         else shape.resolved_ffn_hidden_size(),
-        "num_hidden_layers": shape.num_layers, "num_attention_heads": nh,
-        "num_key_value_heads": shape.num_query_groups or nh, "head_dim": shape.hidden_size // nh,
-        "hidden_act": "silu", "max_position_embeddings": shape.max_position_embeddings or shape.seq_length,
-        "rms_norm_eps": shape.norm_epsilon, "tie_word_embeddings": not shape.untie_embeddings_and_output_weights,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": nh,
+        "num_key_value_heads": shape.num_query_groups or nh,
+        "head_dim": shape.hidden_size // nh,
+        "hidden_act": "silu",
+        "max_position_embeddings": shape.max_position_embeddings or shape.seq_length,
+        "rms_norm_eps": shape.norm_epsilon,
+        "tie_word_embeddings": not shape.untie_embeddings_and_output_weights,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(shape.rotary_base)},
-        "rope_theta": float(shape.rotary_base), "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": shape.init_method_std, "use_cache": True, "torch_dtype": "float32",
-        "bos_token_id": bos, "eos_token_id": eos,
+        "rope_theta": float(shape.rotary_base),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": shape.init_method_std,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "bos_token_id": bos,
+        "eos_token_id": eos,
     }
     if custom:
-        cfg.update(model_type="megatron_sv", architectures=["MegatronSVForCausalLM"],
-                   auto_map={"AutoConfig": "configuration_megatron_sv.MegatronSVConfig",
-                             "AutoModelForCausalLM": "modeling_megatron_sv.MegatronSVForCausalLM"},
-                   sv_inner_norm=False, qk_norm=shape.qk_layernorm, post_sublayer_norm=shape.post_sublayer_norm,
-                   num_local_experts=shape.num_experts, num_experts_per_tok=shape.moe_router_topk,
-                   sv_strategy=strategy, mlp_bias=False)
+        cfg.update(
+            model_type="megatron_sv",
+            architectures=["MegatronSVForCausalLM"],
+            auto_map={
+                "AutoConfig": "configuration_megatron_sv.MegatronSVConfig",
+                "AutoModelForCausalLM": "modeling_megatron_sv.MegatronSVForCausalLM",
+            },
+            sv_inner_norm=False,
+            qk_norm=shape.qk_layernorm,
+            post_sublayer_norm=shape.post_sublayer_norm,
+            num_local_experts=shape.num_experts,
+            num_experts_per_tok=shape.moe_router_topk,
+            sv_strategy=strategy,
+            mlp_bias=False,
+        )
     elif shape.num_experts:
-        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=shape.num_experts,
-                   num_experts_per_tok=shape.moe_router_topk, router_jitter_noise=0.0, output_router_logits=False,
-                   sliding_window=None)
+        cfg.update(
+            model_type="mixtral",
+            architectures=["MixtralForCausalLM"],
+            num_local_experts=shape.num_experts,
+            num_experts_per_tok=shape.moe_router_topk,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            sliding_window=None,
+        )
     else:
         cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False, pretraining_tp=1)
     return cfg

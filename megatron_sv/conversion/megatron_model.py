@@ -28,13 +28,18 @@ def ensure_single_process() -> None:
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise ConversionError("checkpoint conversion runs in a single process; do not launch it with "
-                                  "torchrun / several ranks (any target layout is produced by one process)")
+            raise ConversionError(
+                "checkpoint conversion runs in a single process; do not launch it with "
+                "torchrun / several ranks (any target layout is produced by one process)"
+            )
         if not parallel_state.model_parallel_is_initialized():
             from megatron_sv.platform import initialize_distributed
+
             initialize_distributed(seed=0)
-        elif (parallel_state.get_tensor_model_parallel_world_size() != 1
-              or parallel_state.get_pipeline_model_parallel_world_size() != 1):
+        elif (
+            parallel_state.get_tensor_model_parallel_world_size() != 1
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1
+        ):
             raise ConversionError("conversion needs TP=PP=1 parallel state in this process")
         return
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -77,8 +82,7 @@ def load_model_checkpoint(root: str, model) -> Dict:
 def save_model_checkpoint(root: str, iteration: int, model, extra: Dict) -> str:
     from megatron_sv.checkpointing import save_checkpoint
 
-    return save_checkpoint(root, iteration, [model], optimizer=None, scheduler=None, extra=extra,
-                           log=lambda s: None)
+    return save_checkpoint(root, iteration, [model], optimizer=None, scheduler=None, extra=extra, log=lambda s: None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,10 +112,11 @@ def _column_branches(lin, prefix: str = "") -> Dict[str, Branch]:
     out = {}
     for i, b in enumerate(lin.branches):
         out[prefix + b] = Branch(
-            w[i * rows:(i + 1) * rows].clone(),
+            w[i * rows : (i + 1) * rows].clone(),
             _vec(lin.input_scales[b]) if b in lin.input_scales else None,
             _vec(lin.output_scales[b]) if b in lin.output_scales else None,
-            b in lin.inner_norm_branches)
+            b in lin.inner_norm_branches,
+        )
     return out
 
 
@@ -122,11 +127,20 @@ def read_layer(layer, shape) -> LayerState:
     ng = shape.num_query_groups or nh
     hn = shape.hidden_size // nh
     w = qkv.weight.detach().float().view(ng, nh // ng + 2, hn, -1)
-    weights = {"q": w[:, :nh // ng].reshape(nh * hn, -1).clone(), "k": w[:, -2].reshape(ng * hn, -1).clone(),
-               "v": w[:, -1].reshape(ng * hn, -1).clone()}
-    branches = {b: Branch(weights[b], _vec(qkv.input_scales[b]) if b in qkv.input_scales else None,
-                          _vec(qkv.output_scales[b]) if b in qkv.output_scales else None,
-                          b in qkv.inner_norm_branches) for b in ("q", "k", "v")}
+    weights = {
+        "q": w[:, : nh // ng].reshape(nh * hn, -1).clone(),
+        "k": w[:, -2].reshape(ng * hn, -1).clone(),
+        "v": w[:, -1].reshape(ng * hn, -1).clone(),
+    }
+    branches = {
+        b: Branch(
+            weights[b],
+            _vec(qkv.input_scales[b]) if b in qkv.input_scales else None,
+            _vec(qkv.output_scales[b]) if b in qkv.output_scales else None,
+            b in qkv.inner_norm_branches,
+        )
+        for b in ("q", "k", "v")
+    }
     attn_group = NormGroup(_norm_scale(layer.input_layernorm), branches)
     q_norm = k_norm = post_attn = post_mlp = None
     if shape.qk_layernorm:
@@ -136,8 +150,11 @@ def read_layer(layer, shape) -> LayerState:
     mlp = layer.mlp
     if shape.num_experts:
         router = mlp.router
-        mb = {"router": Branch(router.weight.detach().float().clone(), _vec(router.input_scale),
-                               _vec(router.output_scale), False)}
+        mb = {
+            "router": Branch(
+                router.weight.detach().float().clone(), _vec(router.input_scale), _vec(router.output_scale), False
+            )
+        }
         down = []
         for e, expert in enumerate(mlp.experts.local_experts):
             mb.update(_column_branches(expert.linear_fc1, f"e{e}."))
@@ -149,8 +166,16 @@ def read_layer(layer, shape) -> LayerState:
         down = [mlp.linear_fc2.weight.detach().float().clone()]
         if shape.post_sublayer_norm:
             post_mlp = _output_norm(mlp.linear_fc2.post_norm, shape.hidden_size)
-    return LayerState(attn_group, attn.linear_proj.weight.detach().float().clone(), q_norm, k_norm, post_attn,
-                      NormGroup(_norm_scale(layer.pre_mlp_layernorm), mb), down, post_mlp)
+    return LayerState(
+        attn_group,
+        attn.linear_proj.weight.detach().float().clone(),
+        q_norm,
+        k_norm,
+        post_attn,
+        NormGroup(_norm_scale(layer.pre_mlp_layernorm), mb),
+        down,
+        post_mlp,
+    )
 
 
 def read_embedding(model) -> torch.Tensor:
@@ -160,8 +185,9 @@ def read_embedding(model) -> torch.Tensor:
 def read_final(model, shape) -> NormGroup:
     tied = not shape.untie_embeddings_and_output_weights
     w = read_embedding(model) if tied else model.output_layer.weight.detach().float()
-    return NormGroup(_norm_scale(model.decoder.final_layernorm), {"lm_head": Branch(w)},
-                     frozen=("lm_head",) if tied else ())
+    return NormGroup(
+        _norm_scale(model.decoder.final_layernorm), {"lm_head": Branch(w)}, frozen=("lm_head",) if tied else ()
+    )
 
 
 def layers(model) -> Iterator:
@@ -213,8 +239,7 @@ def _write_column(wr: Writer, lin, branches: Dict[str, Branch], prefix: str, nam
     for b in lin.branches:
         br = branches[prefix + b]
         wr.vector(lin.input_scales[b] if b in lin.input_scales else None, br.in_scale, f"{name}.input_scales.{b}")
-        wr.vector(lin.output_scales[b] if b in lin.output_scales else None, br.out_scale,
-                  f"{name}.output_scales.{b}")
+        wr.vector(lin.output_scales[b] if b in lin.output_scales else None, br.out_scale, f"{name}.output_scales.{b}")
 
 
 def write_layer(wr: Writer, layer, st: LayerState, shape, name: str) -> None:
@@ -225,8 +250,14 @@ def write_layer(wr: Writer, layer, st: LayerState, shape, name: str) -> None:
     hn = shape.hidden_size // nh
     br = st.attn.branches
     h = br["q"].weight.shape[1]
-    fused = torch.cat([br["q"].weight.view(ng, nh // ng, hn, h), br["k"].weight.view(ng, 1, hn, h),
-                       br["v"].weight.view(ng, 1, hn, h)], dim=1).reshape(-1, h)
+    fused = torch.cat(
+        [
+            br["q"].weight.view(ng, nh // ng, hn, h),
+            br["k"].weight.view(ng, 1, hn, h),
+            br["v"].weight.view(ng, 1, hn, h),
+        ],
+        dim=1,
+    ).reshape(-1, h)
     wr.tensor(qkv.weight, fused, f"{name}.linear_qkv.weight")
     for b in ("q", "k", "v"):
         wr.vector(qkv.input_scales[b] if b in qkv.input_scales else None, br[b].in_scale, f"{name}.qkv.in.{b}")

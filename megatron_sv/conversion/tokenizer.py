@@ -30,8 +30,16 @@ from typing import Any, Dict, List, Optional
 from megatron_sv.conversion.canonical import ConversionError
 
 # the files a Hugging Face tokenizer directory may hold (transformers' save_pretrained and sentencepiece)
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
 IMPORTED_TOKENIZER_DIR = "tokenizer"
 
 
@@ -47,8 +55,11 @@ class TokenizerSource:
         """The training run's tokenizer, or ``override`` (a sentencepiece .model file or a Hugging Face
         tokenizer directory). None when there is nothing to export (NullTokenizer, no tokenizer recorded)."""
         if override:
-            kind = "SentencePieceTokenizer" if os.path.isfile(override) and override.endswith(".model") \
+            kind = (
+                "SentencePieceTokenizer"
+                if os.path.isfile(override) and override.endswith(".model")
                 else "HuggingFaceTokenizer"
+            )
             return cls(kind, override)
         kind = args.get("tokenizer_type")
         if kind in (None, "NullTokenizer"):
@@ -58,15 +69,19 @@ class TokenizerSource:
     def check(self) -> None:
         """Before any work: the file exists and the type can be exported."""
         if self.tokenizer_type == "GPT2BPETokenizer":
-            raise ConversionError("the checkpoint was trained with GPT2BPETokenizer, whose vocab/merges files are "
-                                  "not exported; give its Hugging Face form with --tokenizer-model DIR, or "
-                                  "--no-tokenizer")
+            raise ConversionError(
+                "the checkpoint was trained with GPT2BPETokenizer, whose vocab/merges files are "
+                "not exported; give its Hugging Face form with --tokenizer-model DIR, or "
+                "--no-tokenizer"
+            )
         if self.tokenizer_type not in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
             raise ConversionError(f"cannot export a tokenizer of type {self.tokenizer_type!r}")
         if not self.path or not os.path.exists(self.path):
-            raise ConversionError(f"the tokenizer {self.path!r} ({self.tokenizer_type}, recorded in the checkpoint) "
-                                  "does not exist here; pass --tokenizer-model PATH (sentencepiece .model or Hugging "
-                                  "Face tokenizer directory), or --no-tokenizer to export the model alone")
+            raise ConversionError(
+                f"the tokenizer {self.path!r} ({self.tokenizer_type}, recorded in the checkpoint) "
+                "does not exist here; pass --tokenizer-model PATH (sentencepiece .model or Hugging "
+                "Face tokenizer directory), or --no-tokenizer to export the model alone"
+            )
 
 
 def load_hf_tokenizer(source: TokenizerSource):
@@ -102,9 +117,14 @@ def sentencepiece_to_hf(model_file: str):
     def piece(i: int) -> Optional[str]:
         return sp.id_to_piece(i) if i >= 0 else None
 
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=piece(sp.unk_id()),
-                                   bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
-                                   pad_token=piece(sp.pad_id()), clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=piece(sp.unk_id()),
+        bos_token=piece(sp.bos_id()),
+        eos_token=piece(sp.eos_id()),
+        pad_token=piece(sp.pad_id()),
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def write_hf_tokenizer(source: TokenizerSource, out_dir: str) -> Dict[str, Any]:

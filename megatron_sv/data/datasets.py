@@ -124,9 +124,7 @@ def _builder_class():
                 config = copy.copy(config)
                 config.path_to_cache = None
                 args = (*rest, config)
-            return BlendedMegatronDatasetBuilder.build_generic_dataset(
-                cls, is_built_on_rank, synchronize_ranks, *args
-            )
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
 
     return Builder
 

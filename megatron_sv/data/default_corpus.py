@@ -64,16 +64,20 @@ def prepare_default_corpus(
     params = {"max_bytes": max_bytes, "python": sys.version.split()[0]}
     if not reusable("corpus", params, [corpus]):
         stats = write_stdlib_corpus(corpus, max_bytes=max_bytes)
-        print(f"[prepare] wrote {corpus}: {stats.num_docs} files, {stats.num_bytes / 1e6:.1f} MB "
-              f"({stats.skipped_empty} empty, {stats.skipped_undecodable} non-UTF-8 skipped)", file=log)
+        print(
+            f"[prepare] wrote {corpus}: {stats.num_docs} files, {stats.num_bytes / 1e6:.1f} MB "
+            f"({stats.skipped_empty} empty, {stats.skipped_undecodable} non-UTF-8 skipped)",
+            file=log,
+        )
         rebuilt = True
     manifest["corpus"] = {"params": params, "sizes": _sizes([corpus])}
 
     params = {"vocab_size": vocab_size, "input_sentence_size": input_sentence_size}
     model = tok_prefix + ".model"
     if rebuilt or not reusable("tokenizer", params, [model]):
-        result = train_sentencepiece(iter_input_texts([corpus]), tok_prefix, vocab_size=vocab_size,
-                                     input_sentence_size=input_sentence_size)
+        result = train_sentencepiece(
+            iter_input_texts([corpus]), tok_prefix, vocab_size=vocab_size, input_sentence_size=input_sentence_size
+        )
         print(f"[prepare] trained {model}: vocab {result.vocab_size} on {result.num_lines_used} lines", file=log)
         rebuilt = True
     manifest["tokenizer"] = {"params": params, "sizes": _sizes([model])}
@@ -84,8 +88,15 @@ def prepare_default_corpus(
     files = [doc_prefix + ".bin", doc_prefix + ".idx"]
     params = {"append_eod": True}
     if rebuilt or not reusable("dataset", params, files) or not is_valid_indexed_dataset(doc_prefix):
-        stats = preprocess([corpus], data_prefix, {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": model},
-                           workers=workers, append_eod=True, overwrite=True, log=log)
+        stats = preprocess(
+            [corpus],
+            data_prefix,
+            {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": model},
+            workers=workers,
+            append_eod=True,
+            overwrite=True,
+            log=log,
+        )
         manifest["num_tokens"] = stats.total_tokens
     else:
         manifest["num_tokens"] = old.get("num_tokens")

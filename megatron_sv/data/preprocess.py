@@ -85,6 +85,7 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Work units. ("jsonl", path, first_line_number, [raw lines]) or ("text", [paths]).
 
+
 def _units(files: Sequence[str], unit_bytes: int, unit_docs: int) -> Iterator[Tuple]:
     text_batch: List[str] = []
     text_bytes = 0
@@ -205,6 +206,7 @@ def _encode_unit(unit: Tuple):
 
 # ---------------------------------------------------------------------------------------------
 
+
 def _mp_context():
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -302,7 +304,8 @@ def preprocess(
             if empty and not allow_empty:  # raised inside the writers: nothing is written
                 raise EmptyDatasetError(
                     f"{empty[0]}: no documents to write ({stats.num_docs} read, all empty or skipped); "
-                    "refusing to write an empty dataset (--allow-empty to write it anyway)")
+                    "refusing to write an empty dataset (--allow-empty to write it anyway)"
+                )
         pool.close()
     finally:
         pool.terminate()

@@ -21,8 +21,7 @@ from typing import Iterable, List, Optional, Sequence
 
 # Text the trained model must reproduce exactly after encode/decode.
 ROUND_TRIP_PROBE = (
-    "def f(x):\n\tif x  >  1:\r\n        return 'é✓ \u00a0中'  # trailing   \n\n\n  \n"
-    "class A:\n    pass\n"
+    "def f(x):\n\tif x  >  1:\r\n        return 'é✓ \u00a0中'  # trailing   \n\n\n  \nclass A:\n    pass\n"
 )
 
 

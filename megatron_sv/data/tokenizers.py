@@ -22,7 +22,8 @@ Megatron-Core's own classes were not adopted because they would change speed or 
   Megatron-LM's training package, which megatron-core does not ship. Its HuggingFaceTokenizer loads by
   name and may download; ours refuses anything that is not a local file. Its SentencePieceTokenizer
   can rewrite runs of spaces (`ignore_extra_whitespaces=False`) for models that drop them; ours encodes
-  exactly what the model encodes (our code tokenizers keep every space). Its NullTokenizer accepts ids beyond the vocabulary; ours
+  exactly what the model encodes (our code tokenizers keep every space). Its NullTokenizer accepts ids beyond the
+  vocabulary; ours
   refuses them with the offending id.
 - The interface is Megatron-Core's: `vocab_size`, `eod`, `unique_identifiers` (hashed into the dataset
   cache keys, here including a digest of the tokenizer files so that a changed tokenizer never reuses a
@@ -127,9 +128,7 @@ class SentencePieceTokenizer(Tokenizer):
                 f"SentencePieceTokenizer: {model_file!r} is not a valid sentencepiece model ({e})"
             ) from None
         if self._sp.eos_id() < 0:
-            raise ValueError(
-                f"SentencePieceTokenizer: model {model_file!r} has no eos piece to use as end of document"
-            )
+            raise ValueError(f"SentencePieceTokenizer: model {model_file!r} has no eos piece to use as end of document")
 
     def tokenize(self, text: str) -> List[int]:
         return self._sp.encode(text)
@@ -221,9 +220,7 @@ class HuggingFaceTokenizer(_TransformersTokenizer):
         except Exception as e:  # transformers raises many types for unreadable files
             raise ValueError(f"HuggingFaceTokenizer: cannot load tokenizer from {path!r}: {e}") from e
         if self.eos < 0:
-            raise ValueError(
-                f"HuggingFaceTokenizer: {path!r} defines no eos token to use as end of document"
-            )
+            raise ValueError(f"HuggingFaceTokenizer: {path!r} defines no eos token to use as end of document")
 
     def _content_digest(self) -> str:
         if os.path.isfile(self._path):
@@ -267,9 +264,7 @@ class GPT2BPETokenizer(_TransformersTokenizer):
             else:
                 self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file)
         except Exception as e:
-            raise ValueError(
-                f"GPT2BPETokenizer: cannot load vocab {vocab_file!r} / merges {merge_file!r}: {e}"
-            ) from e
+            raise ValueError(f"GPT2BPETokenizer: cannot load vocab {vocab_file!r} / merges {merge_file!r}: {e}") from e
         eod = self._tok.get_vocab().get(self.EOD_TOKEN)
         if eod is None:
             raise ValueError(f"GPT2BPETokenizer: {vocab_file!r} has no {self.EOD_TOKEN} token")

@@ -44,9 +44,9 @@ def read_index_header(prefix: str) -> IndexHeader:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(len(INDEX_HEADER) + 8 + 1 + 8 + 8)
-        if len(head) < len(INDEX_HEADER) + 25 or head[:len(INDEX_HEADER)] != INDEX_HEADER:
+        if len(head) < len(INDEX_HEADER) + 25 or head[: len(INDEX_HEADER)] != INDEX_HEADER:
             raise DataFileError(f"{path}: not a Megatron indexed-dataset index (bad header)")
-        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(INDEX_HEADER):])
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(INDEX_HEADER) :])
         if version != 1:
             raise DataFileError(f"{path}: unsupported index version {version}")
         try:
@@ -69,7 +69,7 @@ def max_token_id(prefix: str, dtype: numpy.dtype) -> int:
     if tokens.size <= FULL_SCAN_TOKENS:
         return int(tokens.max()) if tokens.size else -1
     starts = numpy.linspace(0, tokens.size - SAMPLE_TOKENS, SAMPLE_CHUNKS).astype(numpy.int64)
-    return max(int(tokens[s:s + SAMPLE_TOKENS].max()) for s in starts)
+    return max(int(tokens[s : s + SAMPLE_TOKENS].max()) for s in starts)
 
 
 def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> IndexHeader:
@@ -81,7 +81,8 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> Inde
     if actual != header.bin_bytes:
         raise DataFileError(
             f"{bin_path}: {actual} bytes, but {prefix}.idx describes {header.bin_bytes} bytes of "
-            f"{header.dtype.name} tokens (a truncated file, or a .bin and .idx from different runs)")
+            f"{header.dtype.name} tokens (a truncated file, or a .bin and .idx from different runs)"
+        )
     if header.sequence_count == 0:
         raise DataFileError(f"{prefix}.idx: the dataset holds no documents")
     if vocab_size is not None:
@@ -89,7 +90,8 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> Inde
         if top >= vocab_size:
             raise DataFileError(
                 f"{bin_path}: token id {top} >= the tokenizer's vocabulary size {vocab_size} (made with "
-                "another tokenizer?)")
+                "another tokenizer?)"
+            )
     return header
 
 

@@ -39,24 +39,46 @@ class FP8LinearMixin:
             in_f, out_f = self.input_size, self.output_size_per_partition
         else:
             in_f, out_f = self.input_size_per_partition, self.output_size
-        check_fp8_dims(f"{type(self).__name__} ({self.input_size} -> {self.output_size})",
-                       input_features=in_f, output_features=out_f)
+        check_fp8_dims(
+            f"{type(self).__name__} ({self.input_size} -> {self.output_size})",
+            input_features=in_f,
+            output_features=out_f,
+        )
         tp_group = getattr(self, "tp_group", None)
-        self._fp8_shards = TPShards(group=tp_group, input_sharded=not self._column_parallel,
-                                    output_sharded=self._column_parallel)
+        self._fp8_shards = TPShards(
+            group=tp_group, input_sharded=not self._column_parallel, output_sharded=self._column_parallel
+        )
 
-    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                      sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None,
-                      tp_group=None, **unused):
+    def _forward_impl(
+        self,
+        input,
+        weight,
+        bias,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+        grad_output_buffer=None,
+        wgrad_deferral_limit=None,
+        tp_group=None,
+        **unused,
+    ):
         if grad_output_buffer is not None:
             raise ValueError("deferred embedding wgrad is not supported by FP8 linears")
         if input.is_cuda and not self._fp8_device_checked:  # once: a GPU without FP8 tensor cores
             check_fp8_device(input.device)
             self._fp8_device_checked = True
         fp8w = self.fp8_weights.get(weight, self.fp8, self._fp8_shards)
-        return fp8_parallel_linear(input, weight, bias, fp8w, self.fp8, self._fp8_shards,
-                                   allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-                                   tp_group=tp_group)
+        return fp8_parallel_linear(
+            input,
+            weight,
+            bias,
+            fp8w,
+            self.fp8,
+            self._fp8_shards,
+            allreduce_dgrad=allreduce_dgrad,
+            sequence_parallel=sequence_parallel,
+            tp_group=tp_group,
+        )
 
 
 class FP8ColumnParallelLinear(FP8LinearMixin, ColumnParallelLinear):

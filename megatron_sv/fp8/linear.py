@@ -115,8 +115,18 @@ def _all_gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
 
 class FP8ParallelLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, fp8w: FP8Weight, recipe: FP8Recipe, shards: TPShards,
-                allreduce_dgrad: bool, sequence_parallel: bool, tp_group):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        fp8w: FP8Weight,
+        recipe: FP8Recipe,
+        shards: TPShards,
+        allreduce_dgrad: bool,
+        sequence_parallel: bool,
+        tp_group,
+    ):
         total = _all_gather_sequence(input, tp_group) if sequence_parallel else input
         x = total.reshape(-1, total.shape[-1])
         xq = quantize(x, recipe.forward_dtype, recipe.rowwise, shards.over(shards.input_sharded))
@@ -181,8 +191,9 @@ class FP8ParallelLinear(torch.autograd.Function):
                 else:
                     x = total.reshape(-1, total.shape[-1])
                     xq = quantize(x, recipe.forward_dtype, False, shards.over(shards.input_sharded))
-                g_t = FP8Operand(_pad_rows(gq.data.view(torch.uint8)).view(gq.data.dtype).t().contiguous(),
-                                 gq.inv_scale)
+                g_t = FP8Operand(
+                    _pad_rows(gq.data.view(torch.uint8)).view(gq.data.dtype).t().contiguous(), gq.inv_scale
+                )
                 x_t = FP8Operand(_pad_rows(xq.data.view(torch.uint8)).view(xq.data.dtype), xq.inv_scale)
                 x_t = FP8Operand(x_t.data.t().contiguous().t(), x_t.inv_scale)
             grad_weight = scaled_mm(g_t, x_t, out_dtype).to(ctx.weight_dtype)
@@ -190,9 +201,17 @@ class FP8ParallelLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def fp8_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        fp8w: FP8Weight, recipe: FP8Recipe, shards: TPShards, allreduce_dgrad: bool = False,
-                        sequence_parallel: bool = False, tp_group=None) -> torch.Tensor:
+def fp8_parallel_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fp8w: FP8Weight,
+    recipe: FP8Recipe,
+    shards: TPShards,
+    allreduce_dgrad: bool = False,
+    sequence_parallel: bool = False,
+    tp_group=None,
+) -> torch.Tensor:
     """y = x @ W^T (+ bias) with FP8 GEMMs; ``fp8w`` must be W's copies from ``FP8WeightCache``."""
     if (sequence_parallel or allreduce_dgrad) and tp_group is None:
         raise ValueError("sequence parallelism / dgrad all-reduce need the tensor-parallel group")
@@ -200,5 +219,6 @@ def fp8_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optiona
         raise ValueError("sequence parallelism reduce-scatters the input gradient; allreduce_dgrad must be off")
     if input.is_cuda and recipe.rowwise and input.dtype != torch.bfloat16:
         raise ValueError("rowwise FP8 on CUDA writes bf16 GEMM outputs: run with --bf16")
-    return FP8ParallelLinear.apply(input, weight, bias, fp8w, recipe, shards, allreduce_dgrad,
-                                   sequence_parallel, tp_group)
+    return FP8ParallelLinear.apply(
+        input, weight, bias, fp8w, recipe, shards, allreduce_dgrad, sequence_parallel, tp_group
+    )

@@ -64,8 +64,9 @@ def _kernel(fn, device: torch.device):
     return fn
 
 
-def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool,
-             group: Optional[dist.ProcessGroup] = None) -> FP8Operand:
+def quantize(
+    t: torch.Tensor, dtype: torch.dtype, rowwise: bool, group: Optional[dist.ProcessGroup] = None
+) -> FP8Operand:
     """Cast a 2-D tensor to ``dtype`` with a scale from its current amax (per row if ``rowwise``).
 
     The result is row-major (contiguous) whatever the layout of ``t``.
@@ -77,8 +78,7 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool,
         if rowwise:
             amax = _kernel(_row_amax, t.device)(t)
         else:  # an MoE expert can receive no token: its amax is 0 (and the TP collective below still runs)
-            amax = _kernel(_amax, t.device)(t) if t.numel() else torch.zeros((), dtype=torch.float32,
-                                                                             device=t.device)
+            amax = _kernel(_amax, t.device)(t) if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         fmax = torch.finfo(dtype).max
@@ -101,18 +101,27 @@ def scaled_mm(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype, fast_accum: 
     if k != k2:
         raise ValueError(f"scaled_mm: inner sizes differ ({k} vs {k2})")
     if k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE:
-        raise FP8Unsupported(f"torch._scaled_mm needs the contraction ({k}) and output ({n}) sizes "
-                             f"divisible by {FP8_DIM_MULTIPLE}")
+        raise FP8Unsupported(
+            f"torch._scaled_mm needs the contraction ({k}) and output ({n}) sizes divisible by {FP8_DIM_MULTIPLE}"
+        )
     if not _is_row_major(a.data) or not _is_row_major(b.data.t()):
         raise ValueError("scaled_mm: the left operand must be row-major and the right one column-major")
     rowwise = a.inv_scale.dim() == 2
     if rowwise:
         if tuple(a.inv_scale.shape) != (m, 1) or tuple(b.inv_scale.shape) != (1, n):
-            raise ValueError(f"rowwise scales must be [{m}, 1] and [1, {n}], got "
-                             f"{tuple(a.inv_scale.shape)} and {tuple(b.inv_scale.shape)}")
+            raise ValueError(
+                f"rowwise scales must be [{m}, 1] and [1, {n}], got "
+                f"{tuple(a.inv_scale.shape)} and {tuple(b.inv_scale.shape)}"
+            )
         if b.data.dtype != torch.float8_e4m3fn:
             raise ValueError("rowwise scaling needs the right operand in e4m3 (CUDA's rowwise kernel)")
     elif a.data.dtype == torch.float8_e5m2 and b.data.dtype == torch.float8_e5m2:
         raise ValueError("scaled_mm: at most one operand may be e5m2")
-    return torch._scaled_mm(a.data, b.data, scale_a=a.inv_scale.contiguous(), scale_b=b.inv_scale.contiguous(),
-                            out_dtype=out_dtype, use_fast_accum=fast_accum and a.data.is_cuda)
+    return torch._scaled_mm(
+        a.data,
+        b.data,
+        scale_a=a.inv_scale.contiguous(),
+        scale_b=b.inv_scale.contiguous(),
+        out_dtype=out_dtype,
+        use_fast_accum=fast_accum and a.data.is_cuda,
+    )

@@ -35,8 +35,10 @@ class FP8Recipe:
         if self.format not in FP8_FORMATS:
             raise FP8Unsupported(f"--fp8-format must be one of {list(FP8_FORMATS)}, got {self.format!r}")
         if self.scaling not in LOCAL_FP8_RECIPES:
-            raise FP8Unsupported(f"--fp8-recipe on the local backend must be one of {list(LOCAL_FP8_RECIPES)} "
-                                 f"(dynamic scaling from the current amax), got {self.scaling!r}")
+            raise FP8Unsupported(
+                f"--fp8-recipe on the local backend must be one of {list(LOCAL_FP8_RECIPES)} "
+                f"(dynamic scaling from the current amax), got {self.scaling!r}"
+            )
 
     @property
     def forward_dtype(self) -> torch.dtype:
@@ -62,7 +64,8 @@ def check_fp8_capability(capability: Tuple[int, int], device_name: str = "this G
     if tuple(capability) < MIN_FP8_CAPABILITY:
         raise FP8Unsupported(
             f"FP8 GEMMs need a GPU with compute capability >= {MIN_FP8_CAPABILITY[0]}.{MIN_FP8_CAPABILITY[1]} "
-            f"(Ada/Hopper or newer); {device_name} has {capability[0]}.{capability[1]}: drop --fp8-format")
+            f"(Ada/Hopper or newer); {device_name} has {capability[0]}.{capability[1]}: drop --fp8-format"
+        )
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -76,15 +79,25 @@ def check_fp8_dims(what: str, **dims: int) -> None:
     bad = {k: v for k, v in dims.items() if v % FP8_DIM_MULTIPLE}
     if bad:
         sizes = ", ".join(f"{k} {v}" for k, v in bad.items())
-        raise FP8Unsupported(f"FP8 GEMMs need sizes divisible by {FP8_DIM_MULTIPLE}; {what} has {sizes} "
-                             "(per tensor-parallel rank): change the model shape or drop --fp8-format")
+        raise FP8Unsupported(
+            f"FP8 GEMMs need sizes divisible by {FP8_DIM_MULTIPLE}; {what} has {sizes} "
+            "(per tensor-parallel rank): change the model shape or drop --fp8-format"
+        )
 
 
-def check_fp8_model_dims(*, hidden_size: int, num_attention_heads: int, num_query_groups: int, kv_channels: int,
-                         ffn_hidden_size: int, gated: bool, tp: int,
-                         moe_ffn_hidden_size: Optional[int] = None) -> None:
+def check_fp8_model_dims(
+    *,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    kv_channels: int,
+    ffn_hidden_size: int,
+    gated: bool,
+    tp: int,
+    moe_ffn_hidden_size: Optional[int] = None,
+) -> None:
     """Every FP8 linear of a GPT layer, with its per-TP-rank input and output sizes (the LM head stays bf16)."""
-    fc1_out = (2 if gated else 1)
+    fc1_out = 2 if gated else 1
     linears = {
         "linear_qkv": (hidden_size, (num_attention_heads + 2 * num_query_groups) * kv_channels // tp),
         "linear_proj": (num_attention_heads * kv_channels // tp, hidden_size),

@@ -98,12 +98,22 @@ class SDPACoreAttention(MegatronModule):
             # dropout differs across TP ranks (different heads): use the model-parallel RNG state
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    q,
+                    k,
+                    v,
+                    attn_mask=attn_mask,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
                     scale=self.softmax_scale,
                 )
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
                 scale=self.softmax_scale,
             )
         # [b, np, sq, hn] -> [sq, b, np * hn]

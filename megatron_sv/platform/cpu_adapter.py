@@ -163,8 +163,20 @@ class _CudaOnCpu(types.SimpleNamespace):
 
 
 _CPU_FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
-    "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor",
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "as_tensor",
 )
 
 
@@ -242,7 +254,7 @@ class ReportCpuTensorsAsCuda(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             if name.startswith("torch.") and not name.startswith("torch.cuda."):
-                return "torch.cuda." + name[len("torch."):]
+                return "torch.cuda." + name[len("torch.") :]
             return name
         return func(*args, **kwargs)
 
@@ -276,9 +288,7 @@ def patch_distrib_optimizer_build_model_and_main_param_groups():
     cls = mod.DistributedOptimizer
     original = cls.__dict__["_build_model_and_main_param_groups"]
     if not getattr(original.__func__, _PATCHED_MARK, False):
-        cls._build_model_and_main_param_groups = classmethod(
-            _report_cpu_tensors_as_cuda(original.__func__)
-        )
+        cls._build_model_and_main_param_groups = classmethod(_report_cpu_tensors_as_cuda(original.__func__))
     cls.__init__ = _report_cpu_tensors_as_cuda(cls.__init__)
 
 
@@ -416,10 +426,12 @@ def patch_moe_utils_te_general_gemm():
 CPU_PATCHES: Dict[str, Callable[[], None]] = {
     **{f"torch_proxy:{m}": _give_module_cpu_torch(m) for m in CUDA_TOUCHING_MODULES},
     "clip_grads.clip_grad_by_total_norm_fp32": patch_clip_grad_by_total_norm_fp32,
-    "distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups":
-        patch_distrib_optimizer_build_model_and_main_param_groups,
-    "distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero":
-        patch_distrib_optimizer_get_parameter_state_dp_zero,
+    "distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups": (
+        patch_distrib_optimizer_build_model_and_main_param_groups
+    ),
+    "distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero": (
+        patch_distrib_optimizer_get_parameter_state_dp_zero
+    ),
     "optimizer.Float16OptimizerWithFloat16Params.__init__": patch_float16_optimizer_init,
     "tensor_parallel.random.initialize_rng_tracker": patch_initialize_rng_tracker,
     "moe_utils.te_general_gemm": patch_moe_utils_te_general_gemm,

@@ -28,7 +28,9 @@ def _first_slurm_host(nodelist: str) -> str:
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.split()
         if out:
             return out[0]
@@ -84,8 +86,12 @@ def initialize_distributed(
 
     launch = read_launch_env()
     validate_parallel_sizes(
-        launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
-        expert_model_parallel_size, context_parallel_size, expert_tensor_parallel_size,
+        launch.world_size,
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        expert_model_parallel_size,
+        context_parallel_size,
+        expert_tensor_parallel_size,
     )
     backend, device = select_backend()
     from megatron_sv.platform import cpu_adapter

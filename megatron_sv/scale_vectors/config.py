@@ -52,9 +52,7 @@ class ScaleVectorConfig:
         _check_choice("reparam", self.reparam, REPARAMS)
         _check_choice("weight_decay_policy", self.weight_decay_policy, WEIGHT_DECAY_POLICIES)
         _check_choice("final_norm_role", self.final_norm_role, ROLES)
-        if not self.learnable and (
-            self.branch_specific or self.placement != "input" or self.reparam != "none"
-        ):
+        if not self.learnable and (self.branch_specific or self.placement != "input" or self.reparam != "none"):
             raise ValueError(
                 "scale vectors are disabled (learnable=False, strategy 'none'), so branch-specific "
                 "vectors, dual placement and reparameterization cannot be enabled; pick another strategy"
@@ -107,16 +105,12 @@ STRATEGIES: dict[str, ScaleVectorConfig] = {
     "or": ScaleVectorConfig(reparam="or"),
     "er": ScaleVectorConfig(reparam="er"),
     "iwd": ScaleVectorConfig(weight_decay_policy="iwd"),
-    "unified": ScaleVectorConfig(
-        branch_specific=True, placement="dual_norm", reparam="or", weight_decay_policy="iwd"
-    ),
+    "unified": ScaleVectorConfig(branch_specific=True, placement="dual_norm", reparam="or", weight_decay_policy="iwd"),
 }
 
 
 def strategy_config(name: str, **overrides: Optional[object]) -> ScaleVectorConfig:
     """The preset called ``name`` with single switches overridden (``None`` means keep the preset)."""
     if name not in STRATEGIES:
-        raise ValueError(
-            f"unknown --scale-vector-strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
-        )
+        raise ValueError(f"unknown --scale-vector-strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[name].with_overrides(**overrides)

@@ -33,8 +33,9 @@ class FoldLayout:
         return self.groups * self.slots * self.rows
 
 
-def _fold(weight: torch.Tensor, layout: FoldLayout, in_scales: Optional[torch.Tensor],
-          out_scales: Optional[torch.Tensor]) -> torch.Tensor:
+def _fold(
+    weight: torch.Tensor, layout: FoldLayout, in_scales: Optional[torch.Tensor], out_scales: Optional[torch.Tensor]
+) -> torch.Tensor:
     w = weight.view(layout.groups, layout.slots, layout.rows, weight.shape[-1])
     if in_scales is not None:
         w = w * in_scales[None, :, None, :]
@@ -73,16 +74,26 @@ class FoldScaleVectors(torch.autograd.Function):
         if need_in or need_out:
             g_times_w = g * w
             if need_in:
-                grad_in = (torch.einsum("gsrd,gsr->sd", g_times_w, out_scales) if out_scales is not None
-                           else g_times_w.sum(dim=(0, 2)))
+                grad_in = (
+                    torch.einsum("gsrd,gsr->sd", g_times_w, out_scales)
+                    if out_scales is not None
+                    else g_times_w.sum(dim=(0, 2))
+                )
             if need_out:
-                grad_out = (torch.einsum("gsrd,sd->gsr", g_times_w, in_scales) if in_scales is not None
-                            else g_times_w.sum(dim=-1))
+                grad_out = (
+                    torch.einsum("gsrd,sd->gsr", g_times_w, in_scales)
+                    if in_scales is not None
+                    else g_times_w.sum(dim=-1)
+                )
         return grad_w, grad_in, grad_out, None
 
 
-def fold_into_weight(weight: torch.Tensor, layout: FoldLayout, in_scales: Optional[torch.Tensor] = None,
-                     out_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fold_into_weight(
+    weight: torch.Tensor,
+    layout: FoldLayout,
+    in_scales: Optional[torch.Tensor] = None,
+    out_scales: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """diag(u) W diag(gamma_slot); returns ``weight`` itself when there is nothing to fold."""
     if in_scales is None and out_scales is None:
         return weight

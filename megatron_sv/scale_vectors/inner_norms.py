@@ -154,23 +154,22 @@ def _scaled_norm_recompute(saved, u, sums, kind: str, width: int, eps: float, fr
     return n, rstd, uf
 
 
-def scaled_norm_backward_sums(gz, saved, u, sums, kind: str, width: int, eps: float, from_output: bool,
-                              active=None):
+def scaled_norm_backward_sums(gz, saved, u, sums, kind: str, width: int, eps: float, from_output: bool, active=None):
     """First half of the backward: (partial backward row sums, dL/du)."""
     n, _, uf = _scaled_norm_recompute(saved, u, sums, kind, width, eps, from_output, active)
     gzf = _upcast(gz)
     return _backward_sums(gzf * uf, n, kind), (gzf * n).reshape(-1, *u.shape).sum(0).to(u.dtype)
 
 
-def scaled_norm_backward_input(gz, saved, u, sums, bsums, kind: str, width: int, eps: float,
-                               from_output: bool, active=None):
+def scaled_norm_backward_input(
+    gz, saved, u, sums, bsums, kind: str, width: int, eps: float, from_output: bool, active=None
+):
     """Second half of the backward: dL/dx from the global backward row sums."""
     n, rstd, uf = _scaled_norm_recompute(saved, u, sums, kind, width, eps, from_output, active)
     return _norm_input_grad(_upcast(gz) * uf, n, rstd, bsums, kind, width, active).to(gz.dtype)
 
 
-def scaled_norm_backward(gz, saved, u, sums, kind: str, width: int, eps: float, from_output: bool,
-                         active=None):
+def scaled_norm_backward(gz, saved, u, sums, kind: str, width: int, eps: float, from_output: bool, active=None):
     """One-kernel backward when the row is complete: (dL/dx, dL/du)."""
     n, rstd, uf = _scaled_norm_recompute(saved, u, sums, kind, width, eps, from_output, active)
     gzf = _upcast(gz)
@@ -249,8 +248,15 @@ class _NormSwiGLU(torch.autograd.Function):
         return grad_x, grad_u, None, None, None, None
 
 
-def norm_swiglu(x: torch.Tensor, u_gate: torch.Tensor, u_up: torch.Tensor, kind: str, eps: float,
-                full_width: Optional[int] = None, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def norm_swiglu(
+    x: torch.Tensor,
+    u_gate: torch.Tensor,
+    u_up: torch.Tensor,
+    kind: str,
+    eps: float,
+    full_width: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
     """silu(u_gate * N(gate)) * (u_up * N(up)) for x = [..., gate | up] (a TP rank's fc1 output).
 
     N normalizes gate and up each over ``full_width`` (the global ffn width; default: the local one), its
@@ -300,9 +306,15 @@ class _ScaledInnerNorm(torch.autograd.Function):
         return grad_x, grad_u, None, None, None, None, None
 
 
-def scaled_inner_norm(x: torch.Tensor, u: torch.Tensor, kind: str, eps: float, full_width: Optional[int] = None,
-                      group: Optional[dist.ProcessGroup] = None,
-                      active: Optional[torch.Tensor] = None) -> torch.Tensor:
+def scaled_inner_norm(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    kind: str,
+    eps: float,
+    full_width: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """u * N(x) with N over the last dimension; ``u`` broadcasts against x's trailing dimensions.
 
     With ``group`` the last dimension is a shard of a row of global width ``full_width`` and the row

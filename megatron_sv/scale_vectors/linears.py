@@ -38,8 +38,17 @@ def _vector_value(vec, values):
 class ScaledColumnParallelLinear(ColumnParallelLinear):
     """ColumnParallelLinear + scale vectors for its branches (see module docstring)."""
 
-    def __init__(self, input_size, output_size, *, config, init_method, sv: ScaleVectorConfig,
-                 branch_layout: BranchLayout, **kwargs):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        *,
+        config,
+        init_method,
+        sv: ScaleVectorConfig,
+        branch_layout: BranchLayout,
+        **kwargs,
+    ):
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
         self.sv = sv
         # How W_eff is made: per micro-batch until step_fold.attach() chooses otherwise (step_fold.py).
@@ -51,11 +60,16 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         self.tp_size = tp
         rows_local = self.output_size_per_partition
         if branch_layout == "qkv":
-            ng, nh, hn = config.num_query_groups or config.num_attention_heads, config.num_attention_heads, config.kv_channels
+            ng, nh, hn = (
+                config.num_query_groups or config.num_attention_heads,
+                config.num_attention_heads,
+                config.kv_channels,
+            )
             if ng % tp != 0:
                 raise ValueError(
                     f"scale vectors on linear_qkv need num_query_groups ({ng}) divisible by the "
-                    f"tensor-parallel size ({tp})")
+                    f"tensor-parallel size ({tp})"
+                )
             qpg = nh // ng
             self.heads_per_group = qpg
             self.layout = FoldLayout(groups=ng // tp, slots=qpg + 2, rows=hn)
@@ -87,15 +101,21 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         if sv.learnable and sv.branch_specific:
             for b in self.branches:
                 # Under DNP the branch's inner norm N_b removes any common factor of gamma_b: no magnitude.
-                spec = VectorSpec(size=input_size, role="input", reparam=sv.reparam,
-                                  grad_reduction="tp_sum", is_expert=self.is_expert,
-                                  direction_only=b in self.inner_norm_branches)
+                spec = VectorSpec(
+                    size=input_size,
+                    role="input",
+                    reparam=sv.reparam,
+                    grad_reduction="tp_sum",
+                    is_expert=self.is_expert,
+                    direction_only=b in self.inner_norm_branches,
+                )
                 self.input_scales[b] = ScaleVector(spec, **common)
         self.output_scales = torch.nn.ModuleDict()
         if sv.output_side:
             for b in self.branches:
-                spec = VectorSpec(size=branch_rows[b], role="output", reparam=sv.reparam,
-                                  tp_sharded=True, is_expert=self.is_expert)
+                spec = VectorSpec(
+                    size=branch_rows[b], role="output", reparam=sv.reparam, tp_sharded=True, is_expert=self.is_expert
+                )
                 self.output_scales[b] = ScaleVector(spec, **common)
         if self.input_scales or self.output_scales:
             # The GEMM's weight is a folded tensor: fused wgrad accumulation into main_grad cannot apply.
@@ -122,20 +142,23 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
             else:
                 parts.append(None)
         dtype = next(p for p in parts if p is not None).dtype
-        parts = [p if p is not None else torch.ones(lay.groups, self.slot_branch.count(b), lay.rows, dtype=dtype,
-                                                    device=self.weight.device)
-                 for b, p in zip(self.branches, parts)]
+        parts = [
+            p
+            if p is not None
+            else torch.ones(lay.groups, self.slot_branch.count(b), lay.rows, dtype=dtype, device=self.weight.device)
+            for b, p in zip(self.branches, parts)
+        ]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def folded_weight(self) -> torch.Tensor:
-        return fold_into_weight(self.weight, self.layout, self._slot_input_scales(),
-                                self._folded_output_scales())
+        return fold_into_weight(self.weight, self.layout, self._slot_input_scales(), self._folded_output_scales())
 
     # -- what step_fold needs (fold once per optimizer step) ----------------------------------------
     def folded_vectors(self):
         """The ScaleVectors that live in W_eff (their gradients come from the chain rule under step folds)."""
-        return list(self.input_scales.values()) + [m for b, m in self.output_scales.items()
-                                                   if b not in self.inner_norm_branches]
+        return list(self.input_scales.values()) + [
+            m for b, m in self.output_scales.items() if b not in self.inner_norm_branches
+        ]
 
     def fold_scales(self, values=None):
         """(gamma per slot [slots, in] or None, u per row [groups, slots, rows] or None)."""
@@ -160,8 +183,15 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         if self.branch_layout == "qkv":  # per attention head over head_dim
             z = scaled_inner_norm(y, u, self.norm_kind, self.norm_eps, active=mask)
         else:  # over the whole ffn width, identical at any TP degree
-            z = scaled_inner_norm(y, u, self.norm_kind, self.norm_eps, full_width=lay.rows * self.tp_size,
-                                  group=self.tp_group, active=mask)
+            z = scaled_inner_norm(
+                y,
+                u,
+                self.norm_kind,
+                self.norm_eps,
+                full_width=lay.rows * self.tp_size,
+                group=self.tp_group,
+                active=mask,
+            )
         return z.view(out.shape)
 
     def inner_norm_swiglu(self, out: torch.Tensor) -> torch.Tensor:
@@ -169,11 +199,23 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         DNP's gate/up norm and SwiGLU in one fused op (see inner_norms.norm_swiglu)."""
         if self.branch_layout != "gated_fc1" or self.inner_norm_branches != ("gate", "up"):
             raise ValueError("inner_norm_swiglu needs a gated linear_fc1 with DNP's inner norms")
-        return norm_swiglu(out, self.output_scales["gate"](), self.output_scales["up"](), self.norm_kind,
-                           self.norm_eps, full_width=self.layout.rows * self.tp_size, group=self.tp_group)
+        return norm_swiglu(
+            out,
+            self.output_scales["gate"](),
+            self.output_scales["up"](),
+            self.norm_kind,
+            self.norm_eps,
+            full_width=self.layout.rows * self.tp_size,
+            group=self.tp_group,
+        )
 
-    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None, apply_inner_norm: bool = True):
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+        apply_inner_norm: bool = True,
+    ):
         """Megatron's (output, bias); ``apply_inner_norm=False`` leaves DNP's inner norms to the caller
         (the MLP fuses gate/up's with SwiGLU)."""
         if weight is not None:
@@ -224,8 +266,10 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         key = (parameters_generation(),) + tuple((p.data_ptr(), p._version) for p in self._fold_params())
         if self._step_fold is None or self._step_fold_key != key:
             if self._step_fold is not None and self._step_fold.grad is not None:
-                raise RuntimeError("the parameters changed before the folded-weight gradient was flushed; "
-                                   "call training_hooks.gradients_ready(model) before the optimizer step")
+                raise RuntimeError(
+                    "the parameters changed before the folded-weight gradient was flushed; "
+                    "call training_hooks.gradients_ready(model) before the optimizer step"
+                )
             with torch.no_grad():
                 self._step_fold = self.folded_weight().detach().requires_grad_(True)
             self._step_fold_key = key
@@ -252,8 +296,9 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
-        out = make_sharded_tensors_for_checkpoint(own, prefix, {"weight": 0, "bias": 0}, sharded_offsets,
-                                                  tp_group=self.tp_group, **kwargs)
+        out = make_sharded_tensors_for_checkpoint(
+            own, prefix, {"weight": 0, "bias": 0}, sharded_offsets, tp_group=self.tp_group, **kwargs
+        )
         for group_name in ("input_scales", "output_scales"):
             for b, vec in getattr(self, group_name).items():
                 out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
@@ -262,8 +307,16 @@ class ScaledColumnParallelLinear(ColumnParallelLinear):
 
 def make_post_norm(config, output_size: int, sv: ScaleVectorConfig, tp_group) -> ScaledNorm:
     """The Output-Norm after a row-parallel map (shared by the local and Transformer Engine backends)."""
-    return ScaledNorm(config, output_size, config.layernorm_epsilon, sv=sv, has_scale=True, role="output",
-                      input_split="sequence", tp_group=tp_group)
+    return ScaledNorm(
+        config,
+        output_size,
+        config.layernorm_epsilon,
+        sv=sv,
+        has_scale=True,
+        role="output",
+        input_split="sequence",
+        tp_group=tp_group,
+    )
 
 
 def apply_post_norm(post_norm: ScaledNorm, out: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -292,7 +345,8 @@ class PostNormRowParallelLinear(RowParallelLinear):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
-        out = make_sharded_tensors_for_checkpoint(own, prefix, {"weight": 1}, sharded_offsets,
-                                                  tp_group=self.tp_group, **kwargs)
+        out = make_sharded_tensors_for_checkpoint(
+            own, prefix, {"weight": 1}, sharded_offsets, tp_group=self.tp_group, **kwargs
+        )
         out.update(self.post_norm.sharded_state_dict(f"{prefix}post_norm.", sharded_offsets, metadata))
         return out

@@ -20,10 +20,17 @@ from .linears import ScaledColumnParallelLinear
 def fuses_inner_norm_swiglu(mlp: MLP) -> bool:
     """Whether ``mlp``'s fc1 inner norm and SwiGLU can run as one op with the same result."""
     fc1, cfg = mlp.linear_fc1, mlp.config
-    return (isinstance(fc1, ScaledColumnParallelLinear) and fc1.branch_layout == "gated_fc1"
-            and fc1.inner_norm_branches == ("gate", "up") and fc1.bias is None
-            and cfg.gated_linear_unit and cfg.activation_func is F.silu and not cfg.use_te_activation_func
-            and cfg.activation_func_clamp_value is None and not cfg.glu_linear_offset)
+    return (
+        isinstance(fc1, ScaledColumnParallelLinear)
+        and fc1.branch_layout == "gated_fc1"
+        and fc1.inner_norm_branches == ("gate", "up")
+        and fc1.bias is None
+        and cfg.gated_linear_unit
+        and cfg.activation_func is F.silu
+        and not cfg.use_te_activation_func
+        and cfg.activation_func_clamp_value is None
+        and not cfg.glu_linear_offset
+    )
 
 
 class InnerNormSwiGLUMLP(MLP):

@@ -73,9 +73,18 @@ class ScaledNorm(torch.nn.Module):
             ``heads`` (QK-norm). A split input leaves each rank a partial gradient, summed over TP.
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, *, sv: ScaleVectorConfig,
-                 has_scale: bool, role: Role, input_split: InputSplit = "sequence",
-                 tp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        *,
+        sv: ScaleVectorConfig,
+        has_scale: bool,
+        role: Role,
+        input_split: InputSplit = "sequence",
+        tp_group: Optional[dist.ProcessGroup] = None,
+    ):
         super().__init__()
         if tp_group is None:
             tp_group = default_tp_group()
@@ -87,8 +96,7 @@ class ScaledNorm(torch.nn.Module):
         self.grad_reduction = grad_reduction
         self.scale: Optional[ScaleVector] = None
         if has_scale and sv.learnable:
-            spec = VectorSpec(size=hidden_size, role=role, reparam=sv.reparam,
-                              grad_reduction=grad_reduction)
+            spec = VectorSpec(size=hidden_size, role=role, reparam=sv.reparam, grad_reduction=grad_reduction)
             self.scale = ScaleVector(spec, tp_group=tp_group, params_dtype=config.params_dtype)
         self.bias = None
         if self.kind == "LayerNorm":
@@ -114,6 +122,9 @@ class ScaledNorm(torch.nn.Module):
             out.update(self.scale.sharded_state_dict(f"{prefix}scale.", sharded_offsets, metadata))
         if self.bias is not None:
             kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
-            out.update(make_sharded_tensors_for_checkpoint(
-                {"bias": self.bias}, prefix, {}, sharded_offsets, tp_group=self.tp_group, **kwargs))
+            out.update(
+                make_sharded_tensors_for_checkpoint(
+                    {"bias": self.bias}, prefix, {}, sharded_offsets, tp_group=self.tp_group, **kwargs
+                )
+            )
         return out

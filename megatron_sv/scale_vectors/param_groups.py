@@ -47,16 +47,22 @@ def scale_vector_config_overrides(sv: ScaleVectorConfig) -> Dict[ParamKey, Param
     policy = sv.weight_decay_policy
     overrides: Dict[ParamKey, ParamGroupOverride] = OrderedDict()
     # Megatron's rule for everything that is not a scale vector (biases, other 1-D params, LN shifts).
-    overrides[ParamKey(name="*.bias", predicate=ParamPredicate(
-        name="sv_other_1d", fn=lambda p: p.dim() == 1 and not is_scale_vector_param(p)))] = \
-        ParamGroupOverride(wd_mult=0.0)
+    overrides[
+        ParamKey(
+            name="*.bias",
+            predicate=ParamPredicate(name="sv_other_1d", fn=lambda p: p.dim() == 1 and not is_scale_vector_param(p)),
+        )
+    ] = ParamGroupOverride(wd_mult=0.0)
     # Scale vectors that are not decayed under the policy.
-    no_decay_roles = {"megatron": ("input", "output"), "none": ("input", "output"),
-                      "all": (), "iwd": ("output",)}[policy]
+    no_decay_roles = {"megatron": ("input", "output"), "none": ("input", "output"), "all": (), "iwd": ("output",)}[
+        policy
+    ]
     for role in no_decay_roles:
-        overrides[ParamKey(predicate=ParamPredicate(
-            name=f"sv_{role}_no_wd", fn=lambda p, r=role: getattr(p, "sv_role", None) == r))] = \
-            ParamGroupOverride(wd_mult=0.0)
+        overrides[
+            ParamKey(
+                predicate=ParamPredicate(name=f"sv_{role}_no_wd", fn=lambda p, r=role: getattr(p, "sv_role", None) == r)
+            )
+        ] = ParamGroupOverride(wd_mult=0.0)
     return overrides
 
 
@@ -69,8 +75,9 @@ def _group_label(param: torch.Tensor, name: str) -> str:
     return "weights"
 
 
-def param_group_table(sv: ScaleVectorConfig, model_chunks: Iterable[torch.nn.Module], weight_decay: float,
-                      lr_mult: float = 1.0) -> List[Tuple[str, int, int, float, float]]:
+def param_group_table(
+    sv: ScaleVectorConfig, model_chunks: Iterable[torch.nn.Module], weight_decay: float, lr_mult: float = 1.0
+) -> List[Tuple[str, int, int, float, float]]:
     """Rows (group, tensors, elements, weight decay, LR multiplier) of this rank's parameters."""
     rows: Dict[Tuple[str, float], List[int]] = OrderedDict()
     for chunk in model_chunks:

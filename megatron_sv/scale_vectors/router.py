@@ -27,11 +27,15 @@ class ScaledTopKRouter(TopKRouter):
         self.input_scale = None
         self.output_scale = None
         if sv.learnable and sv.branch_specific:
-            self.input_scale = ScaleVector(VectorSpec(size=config.hidden_size, role="input", reparam=sv.reparam,
-                                                      grad_reduction=reduction), **common)
+            self.input_scale = ScaleVector(
+                VectorSpec(size=config.hidden_size, role="input", reparam=sv.reparam, grad_reduction=reduction),
+                **common,
+            )
         if sv.output_side:  # DNP keeps DP for the router (no inner norm on routing logits)
-            self.output_scale = ScaleVector(VectorSpec(size=config.num_moe_experts, role="output",
-                                                       reparam=sv.reparam, grad_reduction=reduction), **common)
+            self.output_scale = ScaleVector(
+                VectorSpec(size=config.num_moe_experts, role="output", reparam=sv.reparam, grad_reduction=reduction),
+                **common,
+            )
         self._layout = FoldLayout(groups=1, slots=1, rows=config.num_moe_experts)
 
     def gating(self, input: torch.Tensor):

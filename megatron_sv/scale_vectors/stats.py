@@ -20,8 +20,10 @@ class ParameterReport:
         return self.scale_vector_params / max(1, self.total_params)
 
     def __str__(self) -> str:
-        return (f"scale-vector parameters: {self.scale_vector_params:,} of {self.total_params:,} "
-                f"({self.share:.3e} of the model)")
+        return (
+            f"scale-vector parameters: {self.scale_vector_params:,} of {self.total_params:,} "
+            f"({self.share:.3e} of the model)"
+        )
 
 
 def parameter_report(model_chunks: Iterable[torch.nn.Module]) -> ParameterReport:
@@ -38,9 +40,15 @@ def parameter_report(model_chunks: Iterable[torch.nn.Module]) -> ParameterReport
 def _short(name: str) -> str:
     # decoder.layers.3.self_attention.linear_qkv.input_scales.q -> layer3/attn/qkv/in/q
     name = name.replace("module.", "").replace("decoder.layers.", "layer").replace("decoder.", "")
-    for old, new in (("self_attention.", "attn."), ("input_scales.", "in."), ("output_scales.", "out."),
-                     ("linear_", ""), ("final_layernorm", "final_norm"), ("experts.local_experts.", "expert"),
-                     (".scale", "")):
+    for old, new in (
+        ("self_attention.", "attn."),
+        ("input_scales.", "in."),
+        ("output_scales.", "out."),
+        ("linear_", ""),
+        ("final_layernorm", "final_norm"),
+        ("experts.local_experts.", "expert"),
+        (".scale", ""),
+    ):
         name = name.replace(old, new)
     return name.replace(".", "/")
 

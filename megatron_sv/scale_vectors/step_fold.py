@@ -160,8 +160,9 @@ class StepFoldState:
 
     def mark_backward(self, linear, out: torch.Tensor) -> torch.Tensor:
         self.chain_rule_pending = True
-        return _ZeroGradsFor.apply(out, *[p for v in linear.folded_vectors() for p in v.parameters()
-                                          if p.requires_grad])
+        return _ZeroGradsFor.apply(
+            out, *[p for v in linear.folded_vectors() for p in v.parameters() if p.requires_grad]
+        )
 
     def weight_overwritten(self, linear) -> None:
         self.weight_holds_fold = False
@@ -206,8 +207,9 @@ class Masters:
                 params = [p for buf in sub.buffers for p in buf.param_index_map]
             else:  # mixed precision: model params in float16_groups / fp32_from_fp32_groups; fp32: param_groups
                 groups = getattr(sub, "float16_groups", []) + getattr(sub, "fp32_from_fp32_groups", [])
-                params = [p for g in groups for p in g] if groups else \
-                    [p for g in sub.param_groups for p in g["params"]]
+                params = (
+                    [p for g in groups for p in g] if groups else [p for g in sub.param_groups for p in g["params"]]
+                )
             for p in params:
                 self._owner.setdefault(p, sub)
 
@@ -221,13 +223,15 @@ class Masters:
             if param not in sub.model_param_gbuf_map:  # no element of it lives on this rank
                 return MasterShard(flat.new_zeros(0, dtype=torch.float32), 0, 0, sub.data_parallel_group)
             rng = sub._get_model_param_range_map(param)["param"]
-            values = flat[rng.start:rng.end] if param.dtype == torch.float32 else param.main_param
+            values = flat[rng.start : rng.end] if param.dtype == torch.float32 else param.main_param
             return MasterShard(values, rng.start, rng.end, sub.data_parallel_group)
         main = getattr(param, "main_param", None)
         if param.dtype != torch.float32:
             if main is None:
-                raise RuntimeError("a low-precision parameter without an fp32 master: fold once per step "
-                                   "needs Megatron's mixed-precision optimizer")
+                raise RuntimeError(
+                    "a low-precision parameter without an fp32 master: fold once per step "
+                    "needs Megatron's mixed-precision optimizer"
+                )
             return MasterShard(main.view(-1), 0, param.numel(), None)
         return MasterShard(flat, 0, param.numel(), None)
 
@@ -249,7 +253,7 @@ def _all_reduce_in_groups(items: List[Tuple[torch.Tensor, Optional[dist.ProcessG
         dist.all_reduce(flat, group=g)
         offset = 0
         for t in tensors:
-            t.view(-1).copy_(flat[offset:offset + t.numel()])
+            t.view(-1).copy_(flat[offset : offset + t.numel()])
             offset += t.numel()
 
 
@@ -261,7 +265,7 @@ def _full_values(shards: List[MasterShard], params: List[torch.nn.Parameter]) ->
             out.append(s.values.detach().float().view(p.shape).clone())
             continue
         full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-        full[s.start:s.end] = s.values.detach()
+        full[s.start : s.end] = s.values.detach()
         pending.append((full, s.group))
         out.append(full.view(p.shape))
     _all_reduce_in_groups(pending)
@@ -299,9 +303,12 @@ class StepFolder:
         self.optimizer = optimizer
         self.policy = policy
         self.masters = Masters(optimizer)
-        self.linears = [m for c in self.chunks for m in c.modules()
-                        if isinstance(getattr(m, "step_fold", None), StepFoldState) and m._folds()
-                        and not m._fold_per_step()]  # FP8 layers fold inside their own cast
+        self.linears = [
+            m
+            for c in self.chunks
+            for m in c.modules()
+            if isinstance(getattr(m, "step_fold", None), StepFoldState) and m._folds() and not m._fold_per_step()
+        ]  # FP8 layers fold inside their own cast
         self._choose_plans()
         self._install_fold_at_copy()
 
@@ -323,8 +330,9 @@ class StepFolder:
         forced = [m for m in fp32 if m.sv.fold_once_per_step]  # --sv-fold-once-per-step
         if p.mode == "step":
             chosen = fp32
-        elif p.mode == "micro_batch" or p.micro_batches_per_step <= 1 or \
-                p.micro_batch_overhead() <= p.max_time_overhead:
+        elif (
+            p.mode == "micro_batch" or p.micro_batches_per_step <= 1 or p.micro_batch_overhead() <= p.max_time_overhead
+        ):
             chosen = []
         else:
             numel = sum(q.numel() for c in self.chunks for q in c.parameters())
@@ -345,8 +353,11 @@ class StepFolder:
         return out
 
     def _master_linears(self, sub=None) -> list:
-        return [m for m in self.linears if m.step_fold.plan == "master"
-                and (sub is None or self.masters.owner(m.weight) is sub)]
+        return [
+            m
+            for m in self.linears
+            if m.step_fold.plan == "master" and (sub is None or self.masters.owner(m.weight) is sub)
+        ]
 
     # -- folding at the master -> model copy ---------------------------------------------------------
     def _install_fold_at_copy(self) -> None:
@@ -359,15 +370,19 @@ class StepFolder:
 
             def copy_and_fold(copy_to_model=copy_to_model, mine=mine):
                 if any(m.step_fold.chain_rule_pending for m in mine):
-                    raise RuntimeError("the optimizer stepped on dL/dW_eff: call "
-                                       "training_hooks.before_optimizer_step before optimizer.step()")
+                    raise RuntimeError(
+                        "the optimizer stepped on dL/dW_eff: call "
+                        "training_hooks.before_optimizer_step before optimizer.step()"
+                    )
                 copy_to_model()
                 self.fold_from_masters(mine)
 
             def guarded_copy_to_main(*args, copy_to_main=copy_to_main, mine=mine, **kwargs):
                 if any(m.step_fold.weight_holds_fold for m in mine):
-                    raise RuntimeError("the model weights hold folded W_eff; reload the masters only from "
-                                       "unfolded weights (e.g. right after a weights-only checkpoint load)")
+                    raise RuntimeError(
+                        "the model weights hold folded W_eff; reload the masters only from "
+                        "unfolded weights (e.g. right after a weights-only checkpoint load)"
+                    )
                 return copy_to_main(*args, **kwargs)
 
             sub._copy_main_params_to_model_params = copy_and_fold
@@ -404,15 +419,16 @@ class StepFolder:
         for lin, vparams in zip(linears, self._vector_values(linears)):
             s_in, s_out = self._scales(lin, vparams)
             shard = self.masters.shard(lin.weight)
-            model = lin.weight.detach().view(-1)[shard.start:shard.end]
-            for row0, nrows, col0, ncols, off in row_pieces(shard.start, shard.end, lin.weight.shape[1],
-                                                            lin.layout.rows):
-                w = shard.values[off:off + nrows * ncols].view(nrows, ncols).float()
+            model = lin.weight.detach().view(-1)[shard.start : shard.end]
+            for row0, nrows, col0, ncols, off in row_pieces(
+                shard.start, shard.end, lin.weight.shape[1], lin.layout.rows
+            ):
+                w = shard.values[off : off + nrows * ncols].view(nrows, ncols).float()
                 if s_in is not None:
-                    w = w * s_in[(row0 // lin.layout.rows) % lin.layout.slots, col0:col0 + ncols]
+                    w = w * s_in[(row0 // lin.layout.rows) % lin.layout.slots, col0 : col0 + ncols]
                 if s_out is not None:
-                    w = w * s_out[row0:row0 + nrows, None]
-                model[off:off + nrows * ncols].view(nrows, ncols).copy_(w)
+                    w = w * s_out[row0 : row0 + nrows, None]
+                model[off : off + nrows * ncols].view(nrows, ncols).copy_(w)
             lin.step_fold.weight_holds_fold = True
 
     def refold_where_needed(self) -> None:
@@ -443,18 +459,17 @@ class StepFolder:
                 g_in = torch.zeros_like(s_in) if s_in is not None else None
                 g_out = torch.zeros_like(s_out) if s_out is not None else None
                 shard = self.masters.shard(lin.weight)
-                grad = lin.weight.main_grad.view(-1)[shard.start:shard.end]
+                grad = lin.weight.main_grad.view(-1)[shard.start : shard.end]
                 lay = lin.layout
-                for row0, nrows, col0, ncols, off in row_pieces(shard.start, shard.end, lin.weight.shape[1],
-                                                                lay.rows):
-                    g = grad[off:off + nrows * ncols].view(nrows, ncols)
-                    w = shard.values[off:off + nrows * ncols].view(nrows, ncols)
+                for row0, nrows, col0, ncols, off in row_pieces(shard.start, shard.end, lin.weight.shape[1], lay.rows):
+                    g = grad[off : off + nrows * ncols].view(nrows, ncols)
+                    w = shard.values[off : off + nrows * ncols].view(nrows, ncols)
                     gw = g * w
                     rows = slice(row0, row0 + nrows)
-                    sin = s_in[(row0 // lay.rows) % lay.slots, col0:col0 + ncols] if s_in is not None else None
+                    sin = s_in[(row0 // lay.rows) % lay.slots, col0 : col0 + ncols] if s_in is not None else None
                     if g_in is not None:
                         part = s_out[rows] @ gw if s_out is not None else gw.sum(0)
-                        g_in[(row0 // lay.rows) % lay.slots, col0:col0 + ncols] += part
+                        g_in[(row0 // lay.rows) % lay.slots, col0 : col0 + ncols] += part
                     if g_out is not None:
                         g_out[rows] += gw @ sin if sin is not None else gw.sum(1)
                     if sin is not None:
@@ -469,8 +484,9 @@ class StepFolder:
                 lin.step_fold.release_cache()  # not needed before the next forward: frees |W| for the step
         self._sum_partials(pending)
         for lin, vp, (g_in, g_out) in zip(linears, vparams, partials):
-            leaves = {vec: {n: v.detach().requires_grad_(True) for n, v in params.items()}
-                      for vec, params in vp.items()}
+            leaves = {
+                vec: {n: v.detach().requires_grad_(True) for n, v in params.items()} for vec, params in vp.items()
+            }
             with torch.enable_grad():
                 s_in, s_out = self._scales(lin, leaves)
                 outs = [t for t in (s_in, s_out) if t is not None]
@@ -490,8 +506,10 @@ class StepFolder:
 
     def check_no_pending(self) -> None:
         if any(m.step_fold.chain_rule_pending for m in self.linears):
-            raise RuntimeError("parameters changed while dL/dW_eff was still in main_grad: call "
-                               "training_hooks.before_optimizer_step before optimizer.step()")
+            raise RuntimeError(
+                "parameters changed while dL/dW_eff was still in main_grad: call "
+                "training_hooks.before_optimizer_step before optimizer.step()"
+            )
 
     # -- checkpoints --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -501,7 +519,7 @@ class StepFolder:
         for lin in self._master_linears():  # one weight at a time: at most one fp32 |W| temporary
             shard = self.masters.shard(lin.weight)
             full = torch.zeros(lin.weight.numel(), dtype=torch.float32, device=lin.weight.device)
-            full[shard.start:shard.end] = shard.values
+            full[shard.start : shard.end] = shard.values
             _all_reduce_in_groups([(full, shard.group)])
             if lin.step_fold.weight_holds_fold:
                 out[id(lin.weight)] = full.to(lin.weight.dtype).view_as(lin.weight)

@@ -38,9 +38,11 @@ import torch
 
 from .folding import FoldLayout, recompute_saved_weight
 
-TE_INSTALL_HINT = ("--transformer-impl transformer_engine needs NVIDIA Transformer Engine on a CUDA "
-                   "machine (pip install --no-build-isolation transformer_engine[pytorch]); "
-                   "use --transformer-impl local otherwise")
+TE_INSTALL_HINT = (
+    "--transformer-impl transformer_engine needs NVIDIA Transformer Engine on a CUDA "
+    "machine (pip install --no-build-isolation transformer_engine[pytorch]); "
+    "use --transformer-impl local otherwise"
+)
 
 
 class TransformerEngineUnavailable(ImportError):
@@ -75,8 +77,15 @@ class BranchPlan:
     inner_norm_candidates: Tuple[str, ...]  # branches that get DNP's inner norm N_b
 
 
-def branch_plan(branch_layout: str, *, output_size: int, tp_size: int, num_attention_heads: int,
-                num_query_groups: Optional[int], kv_channels: int) -> BranchPlan:
+def branch_plan(
+    branch_layout: str,
+    *,
+    output_size: int,
+    tp_size: int,
+    num_attention_heads: int,
+    num_query_groups: Optional[int],
+    kv_channels: int,
+) -> BranchPlan:
     """The same row layout as ``ScaledColumnParallelLinear`` (tested to agree)."""
     if output_size % tp_size:
         raise ValueError(f"{output_size} rows cannot be split over {tp_size} TP ranks")
@@ -84,18 +93,24 @@ def branch_plan(branch_layout: str, *, output_size: int, tp_size: int, num_atten
     if branch_layout == "qkv":
         ng, nh, hn = num_query_groups or num_attention_heads, num_attention_heads, kv_channels
         if ng % tp_size != 0:
-            raise ValueError(f"scale vectors on linear_qkv need num_query_groups ({ng}) divisible by the "
-                             f"tensor-parallel size ({tp_size})")
+            raise ValueError(
+                f"scale vectors on linear_qkv need num_query_groups ({ng}) divisible by the "
+                f"tensor-parallel size ({tp_size})"
+            )
         qpg = nh // ng
         layout = FoldLayout(groups=ng // tp_size, slots=qpg + 2, rows=hn)
-        plan = BranchPlan(layout, tuple(["q"] * qpg + ["k", "v"]),
-                          {"q": nh * hn, "k": ng * hn, "v": ng * hn}, ("q", "k"))
+        plan = BranchPlan(
+            layout, tuple(["q"] * qpg + ["k", "v"]), {"q": nh * hn, "k": ng * hn, "v": ng * hn}, ("q", "k")
+        )
     elif branch_layout == "gated_fc1":
-        plan = BranchPlan(FoldLayout(groups=1, slots=2, rows=rows_local // 2), ("gate", "up"),
-                          {"gate": output_size // 2, "up": output_size // 2}, ("gate", "up"))
+        plan = BranchPlan(
+            FoldLayout(groups=1, slots=2, rows=rows_local // 2),
+            ("gate", "up"),
+            {"gate": output_size // 2, "up": output_size // 2},
+            ("gate", "up"),
+        )
     elif branch_layout == "fc1":
-        plan = BranchPlan(FoldLayout(groups=1, slots=1, rows=rows_local), ("fc1",),
-                          {"fc1": output_size}, ("fc1",))
+        plan = BranchPlan(FoldLayout(groups=1, slots=1, rows=rows_local), ("fc1",), {"fc1": output_size}, ("fc1",))
     else:
         raise ValueError(f"unknown branch layout {branch_layout!r}")
     if plan.layout.out_features != rows_local:
@@ -115,10 +130,16 @@ FUSED_NORM_SITES = (("self_attention.linear_qkv", "input_layernorm"), ("mlp.line
 FUSED_NORM_PARAMS = (("layer_norm_weight", "scale.weight"), ("layer_norm_bias", "bias"))
 EXTRA_STATE = "_extra_state"
 
-_TE_TO_LOCAL = [(re.compile(rf"^(.*?)(?<![^.]){re.escape(te_mod)}\.{te_p}$"), f"{loc_mod}.{loc_p}")
-                for te_mod, loc_mod in FUSED_NORM_SITES for te_p, loc_p in FUSED_NORM_PARAMS]
-_LOCAL_TO_TE = [(re.compile(rf"^(.*?)(?<![^.]){re.escape(loc_mod)}\.{re.escape(loc_p)}$"), f"{te_mod}.{te_p}")
-                for te_mod, loc_mod in FUSED_NORM_SITES for te_p, loc_p in FUSED_NORM_PARAMS]
+_TE_TO_LOCAL = [
+    (re.compile(rf"^(.*?)(?<![^.]){re.escape(te_mod)}\.{te_p}$"), f"{loc_mod}.{loc_p}")
+    for te_mod, loc_mod in FUSED_NORM_SITES
+    for te_p, loc_p in FUSED_NORM_PARAMS
+]
+_LOCAL_TO_TE = [
+    (re.compile(rf"^(.*?)(?<![^.]){re.escape(loc_mod)}\.{re.escape(loc_p)}$"), f"{te_mod}.{te_p}")
+    for te_mod, loc_mod in FUSED_NORM_SITES
+    for te_p, loc_p in FUSED_NORM_PARAMS
+]
 
 
 _TE_ONLY_STATE = re.compile(rf"(^|.*\.)core_attention\.(.*\.)?{EXTRA_STATE}$")
@@ -183,8 +204,9 @@ def save_in_local_schema(module, state_dict, prefix, local_metadata) -> None:
             state_dict[new] = state_dict.pop(key)
 
 
-def load_from_local_schema(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                           unexpected_keys, error_msgs) -> None:
+def load_from_local_schema(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """load_state_dict pre-hook: fetch this module's fused-norm params from their local keys.
 
     The local norm keys belong to a sibling module slot (``input_layernorm``, an IdentityOp on TE) that
@@ -291,9 +313,14 @@ def te_classes():
             self.sv = sv
             self.branch_layout = branch_layout
             self.tp_size = get_pg_size(self._tp_group)
-            plan = branch_plan(branch_layout, output_size=output_size, tp_size=self.tp_size,
-                               num_attention_heads=config.num_attention_heads,
-                               num_query_groups=config.num_query_groups, kv_channels=config.kv_channels)
+            plan = branch_plan(
+                branch_layout,
+                output_size=output_size,
+                tp_size=self.tp_size,
+                num_attention_heads=config.num_attention_heads,
+                num_query_groups=config.num_query_groups,
+                kv_channels=config.kv_channels,
+            )
             self.layout = plan.layout
             self.slot_branch = list(plan.slot_branch)
             self.branches = list(dict.fromkeys(self.slot_branch))
@@ -301,20 +328,38 @@ def te_classes():
             self.norm_kind = getattr(config, "normalization", "RMSNorm")
             self.norm_eps = config.layernorm_epsilon
             is_expert = kwargs.get("is_expert", False)
-            common = dict(tp_group=self._tp_group, params_dtype=config.params_dtype,
-                          expert_parallel=is_expert and config.expert_model_parallel_size > 1)
+            common = dict(
+                tp_group=self._tp_group,
+                params_dtype=config.params_dtype,
+                expert_parallel=is_expert and config.expert_model_parallel_size > 1,
+            )
             self.input_scales = torch.nn.ModuleDict()
             if sv.learnable and sv.branch_specific:
                 for b in self.branches:
-                    self.input_scales[b] = ScaleVector(VectorSpec(  # no magnitude before an inner norm
-                        size=input_size, role="input", reparam=sv.reparam, grad_reduction="tp_sum",
-                        is_expert=is_expert, direction_only=b in self.inner_norm_branches), **common)
+                    self.input_scales[b] = ScaleVector(
+                        VectorSpec(  # no magnitude before an inner norm
+                            size=input_size,
+                            role="input",
+                            reparam=sv.reparam,
+                            grad_reduction="tp_sum",
+                            is_expert=is_expert,
+                            direction_only=b in self.inner_norm_branches,
+                        ),
+                        **common,
+                    )
             self.output_scales = torch.nn.ModuleDict()
             if sv.output_side:
                 for b in self.branches:
-                    self.output_scales[b] = ScaleVector(VectorSpec(
-                        size=plan.branch_rows[b], role="output", reparam=sv.reparam, tp_sharded=True,
-                        is_expert=is_expert), **common)
+                    self.output_scales[b] = ScaleVector(
+                        VectorSpec(
+                            size=plan.branch_rows[b],
+                            role="output",
+                            reparam=sv.reparam,
+                            tp_sharded=True,
+                            is_expert=is_expert,
+                        ),
+                        **common,
+                    )
             if self.input_scales or self.output_scales:
                 # TE's GEMM sees a folded tensor, not the parameter: no fused main_grad accumulation.
                 self.fuse_wgrad_accumulation = False

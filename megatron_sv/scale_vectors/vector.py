@@ -51,8 +51,13 @@ class VectorSpec:
 class ScaleVector(torch.nn.Module):
     """A learnable vector s in R^n; ``forward()`` returns the local part of s."""
 
-    def __init__(self, spec: VectorSpec, tp_group: Optional[dist.ProcessGroup] = None,
-                 params_dtype: torch.dtype = torch.float32, expert_parallel: bool = False):
+    def __init__(
+        self,
+        spec: VectorSpec,
+        tp_group: Optional[dist.ProcessGroup] = None,
+        params_dtype: torch.dtype = torch.float32,
+        expert_parallel: bool = False,
+    ):
         super().__init__()
         if spec.tp_sharded and spec.grad_reduction != "none":
             raise ValueError("a TP-sharded vector owns its rows; it needs no TP grad reduction")
@@ -141,7 +146,7 @@ class ScaleVector(torch.nn.Module):
         v = full_vector.to(dtype=next(self.parameters()).dtype).flatten()
         if self.spec.tp_sharded and v.numel() == self.spec.size and self.local_size != self.spec.size:
             rank = dist.get_rank(self.tp_group)
-            v = v[rank * self.local_size:(rank + 1) * self.local_size]
+            v = v[rank * self.local_size : (rank + 1) * self.local_size]
         if v.numel() != self.local_size:
             raise ValueError(f"vector of {v.numel()} values given for a scale vector of {self.local_size}")
         if self.spec.reparam == "none":
@@ -177,6 +182,7 @@ class ScaleVector(torch.nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"n={s.size}, local={self.local_size}, role={s.role}, reparam={s.reparam}, "
-                f"tp_sharded={s.tp_sharded}, grad={s.grad_reduction}"
-                + (", direction_only" if s.direction_only else ""))
+        return (
+            f"n={s.size}, local={self.local_size}, role={s.role}, reparam={s.reparam}, "
+            f"tp_sharded={s.tp_sharded}, grad={s.grad_reduction}" + (", direction_only" if s.direction_only else "")
+        )

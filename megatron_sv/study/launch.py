@@ -27,8 +27,17 @@ def _min_lr(study: Study, run: Run) -> str:
 def local_command(study: Study, run: Run, run_dir: str, master_port: Optional[int] = None) -> List[str]:
     strategy, cfg = config_flags(run.config)
     if study.nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(study.nproc),
-                  "--master-addr", "127.0.0.1", "--master-port", str(master_port or 29547)]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(study.nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(master_port or 29547),
+        ]
     else:
         launch = [sys.executable]
     sched = []
@@ -36,13 +45,39 @@ def local_command(study: Study, run: Run, run_dir: str, master_port: Optional[in
         sched = ["--lr-wsd-decay-iters", str(max(1, int(run.iters * study.wsd_decay_fraction)))]
     ckpt = os.path.join(run_dir, "checkpoints")
     save_interval = study.save_interval or max(1, run.iters // 4)
-    return (launch + [os.path.join(REPO, "pretrain_gpt_sv.py")] + list(study.train_flags)
-            + ["--scale-vector-strategy", strategy] + cfg + list(run.extra_flags)
-            + ["--lr", lr_text(run.lr), "--min-lr", _min_lr(study, run), "--lr-warmup-iters", str(study.warmup),
-               "--train-iters", str(run.iters)] + sched
-            + ["--seed", str(run.seed), "--metrics-file", os.path.join(run_dir, "metrics.jsonl"),
-               "--tensorboard-dir", os.path.join(run_dir, "tensorboard"),
-               "--save", ckpt, "--load", ckpt, "--save-interval", str(save_interval)])
+    return (
+        launch
+        + [os.path.join(REPO, "pretrain_gpt_sv.py")]
+        + list(study.train_flags)
+        + ["--scale-vector-strategy", strategy]
+        + cfg
+        + list(run.extra_flags)
+        + [
+            "--lr",
+            lr_text(run.lr),
+            "--min-lr",
+            _min_lr(study, run),
+            "--lr-warmup-iters",
+            str(study.warmup),
+            "--train-iters",
+            str(run.iters),
+        ]
+        + sched
+        + [
+            "--seed",
+            str(run.seed),
+            "--metrics-file",
+            os.path.join(run_dir, "metrics.jsonl"),
+            "--tensorboard-dir",
+            os.path.join(run_dir, "tensorboard"),
+            "--save",
+            ckpt,
+            "--load",
+            ckpt,
+            "--save-interval",
+            str(save_interval),
+        ]
+    )
 
 
 def local_env(study: Study) -> Dict[str, str]:
@@ -60,17 +95,29 @@ def slurm_env(study: Study, run: Run, run_dir: str) -> Dict[str, str]:
     """The job's settings (on top of the submitting shell's environment, which sbatch passes on)."""
     strategy, cfg = config_flags(run.config)
     env = dict(study.slurm.env)
-    env.update(STRATEGY=strategy, EXTRA_ARGS=" ".join(cfg + list(run.extra_flags)), LR=lr_text(run.lr),
-               MIN_LR=_min_lr(study, run), SEED=str(run.seed), TRAIN_ITERS=str(run.iters),
-               WARMUP=str(study.warmup), SAVE_DIR=os.path.abspath(run_dir))
+    env.update(
+        STRATEGY=strategy,
+        EXTRA_ARGS=" ".join(cfg + list(run.extra_flags)),
+        LR=lr_text(run.lr),
+        MIN_LR=_min_lr(study, run),
+        SEED=str(run.seed),
+        TRAIN_ITERS=str(run.iters),
+        WARMUP=str(study.warmup),
+        SAVE_DIR=os.path.abspath(run_dir),
+    )
     if study.wsd_decay_fraction:
         env["WSD_FRAC"] = str(study.wsd_decay_fraction)
     return env
 
 
 def sbatch_command(study: Study, run: Run, run_dir: str, dependency: Sequence[str] = ()) -> List[str]:
-    cmd = ["sbatch", "--parsable", f"--job-name=sv-{study.name}-{run.id}",
-           f"--output={os.path.abspath(run_dir)}/slurm-%j.out", *study.slurm.sbatch_args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--job-name=sv-{study.name}-{run.id}",
+        f"--output={os.path.abspath(run_dir)}/slurm-%j.out",
+        *study.slurm.sbatch_args,
+    ]
     if dependency:
         cmd.append("--dependency=afterany:" + ":".join(dependency))
     return cmd + [os.path.join(REPO, study.slurm.script)]
@@ -79,10 +126,24 @@ def sbatch_command(study: Study, run: Run, run_dir: str, dependency: Sequence[st
 def continue_command(study: Study, study_path: str, out: str, dependency: Sequence[str]) -> List[str]:
     """A small job that runs after the submitted ones and submits what they made possible (next stages,
     resubmission of runs that stopped early)."""
-    again = " ".join(shlex.quote(x) for x in [sys.executable, os.path.join(REPO, "tools", "ablation.py"), "submit",
-                                               os.path.abspath(study_path), "--out", os.path.abspath(out)])
-    cmd = ["sbatch", "--parsable", f"--job-name=sv-{study.name}-continue",
-           f"--output={os.path.abspath(out)}/continue-%j.out", *study.slurm.continue_sbatch_args]
+    again = " ".join(
+        shlex.quote(x)
+        for x in [
+            sys.executable,
+            os.path.join(REPO, "tools", "ablation.py"),
+            "submit",
+            os.path.abspath(study_path),
+            "--out",
+            os.path.abspath(out),
+        ]
+    )
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--job-name=sv-{study.name}-continue",
+        f"--output={os.path.abspath(out)}/continue-%j.out",
+        *study.slurm.continue_sbatch_args,
+    ]
     if dependency:
         cmd.append("--dependency=afterany:" + ":".join(dependency))
     return cmd + ["--wrap", f"cd {shlex.quote(REPO)} && {again}"]
@@ -92,10 +153,15 @@ def code_version() -> str:
     """The checkout's commit (+dirty with uncommitted changes to tracked files), recorded with every attempt so
     a report can say which code produced its runs; 'unknown' outside a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=30)
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
+        head = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if head.returncode != 0:

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional
 from megatron_sv.study.spec import Run, Study
 
 RUN_FILE, METRICS_FILE, STUDY_FILE = "run.json", "metrics.jsonl", "study.json"
-TAIL = 50            # train records kept at the end (the report's --last-n may not exceed it)
-CURVE_POINTS = 200   # about this many train records kept over the whole run
+TAIL = 50  # train records kept at the end (the report's --last-n may not exceed it)
+CURVE_POINTS = 200  # about this many train records kept over the whole run
 # printed by pretrain_gpt_sv.py when a loss or gradient norm is not finite (exit code 3)
 DIVERGED_MARK = "training diverged"
 EXIT_DIVERGED = 3
@@ -78,10 +78,11 @@ def trim_records(records: List[dict]) -> List[dict]:
 @dataclass
 class RunLog:
     """What the report reads of one run."""
+
     id: str
-    info: dict                       # run.json
-    train: Dict[int, dict]           # iteration -> record (trimmed)
-    valid: Dict[int, float]          # iteration -> validation loss
+    info: dict  # run.json
+    train: Dict[int, dict]  # iteration -> record (trimmed)
+    valid: Dict[int, float]  # iteration -> validation loss
     summary: dict
     diverged: bool
 
@@ -143,8 +144,7 @@ def read_run(run_dir: str) -> Optional[RunLog]:
     records = trim_records(read_records(mp)) if os.path.exists(mp) else trim_records([])
     train = {int(r["iteration"]): r for r in records if r.get("type") == "train"}
     valid = {int(r["iteration"]): float(r["loss"]) for r in records if r.get("type") == "valid"}
-    return RunLog(os.path.basename(os.path.normpath(run_dir)), info, train, valid, records[0],
-                  _diverged(run_dir, info))
+    return RunLog(os.path.basename(os.path.normpath(run_dir)), info, train, valid, records[0], _diverged(run_dir, info))
 
 
 def read_study_dir(root: str) -> Dict[str, RunLog]:
@@ -160,9 +160,19 @@ def read_study_dir(root: str) -> Dict[str, RunLog]:
 
 
 def run_info(study: Study, run: Run, launch: dict) -> dict:
-    return dict(id=run.id, study=study.name, config=run.config, lr=run.lr, seed=run.seed, iters=run.iters,
-                tag=run.tag, extra_flags=list(run.extra_flags), tokens_per_step=study.tokens_per_step,
-                launch=launch, attempts=[])
+    return dict(
+        id=run.id,
+        study=study.name,
+        config=run.config,
+        lr=run.lr,
+        seed=run.seed,
+        iters=run.iters,
+        tag=run.tag,
+        extra_flags=list(run.extra_flags),
+        tokens_per_step=study.tokens_per_step,
+        launch=launch,
+        attempts=[],
+    )
 
 
 def export_logs(root: str, dest: str) -> int:

@@ -39,9 +39,21 @@ from typing import Callable, Dict, List, Optional, Tuple
 STRATEGIES = ("none", "standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified")
 WEIGHT_DECAY_POLICIES = ("megatron", "all", "none", "iwd")
 # flags the runner sets per run: a study's shared flags must not contain them
-MANAGED_FLAGS = ("--lr", "--min-lr", "--train-iters", "--lr-warmup-iters", "--seed", "--metrics-file",
-                 "--tensorboard-dir", "--save", "--load", "--save-interval", "--scale-vector-strategy",
-                 "--lr-wsd-decay-iters", "--lr-decay-iters")
+MANAGED_FLAGS = (
+    "--lr",
+    "--min-lr",
+    "--train-iters",
+    "--lr-warmup-iters",
+    "--seed",
+    "--metrics-file",
+    "--tensorboard-dir",
+    "--save",
+    "--load",
+    "--save-interval",
+    "--scale-vector-strategy",
+    "--lr-wsd-decay-iters",
+    "--lr-decay-iters",
+)
 
 
 class StudyError(ValueError):
@@ -53,8 +65,9 @@ def config_flags(config: str) -> Tuple[str, List[str]]:
     """(strategy, extra CLI flags) of a configuration name such as `standard+qk+post+wd=iwd`."""
     strategy, *mods = config.split("+")
     if strategy not in STRATEGIES:
-        raise StudyError(f"unknown strategy {strategy!r} in configuration {config!r} (choose from "
-                         f"{', '.join(STRATEGIES)})")
+        raise StudyError(
+            f"unknown strategy {strategy!r} in configuration {config!r} (choose from {', '.join(STRATEGIES)})"
+        )
     flags: List[str] = []
     for m in mods:
         if m == "qk":
@@ -64,8 +77,9 @@ def config_flags(config: str) -> Tuple[str, List[str]]:
         elif m.startswith("wd=") and m[3:] in WEIGHT_DECAY_POLICIES:
             flags += ["--sv-weight-decay-policy", m[3:]]
         else:
-            raise StudyError(f"unknown modifier {m!r} in configuration {config!r} (qk, post, wd=<"
-                             f"{'|'.join(WEIGHT_DECAY_POLICIES)}>)")
+            raise StudyError(
+                f"unknown modifier {m!r} in configuration {config!r} (qk, post, wd=<{'|'.join(WEIGHT_DECAY_POLICIES)}>)"
+            )
     return strategy, flags
 
 
@@ -79,8 +93,7 @@ def _fields(d: dict, where: str, required: Tuple[str, ...], optional: Tuple[str,
         raise StudyError(f"{where} must be an object")
     unknown = sorted(set(d) - set(required) - set(optional))
     if unknown:
-        raise StudyError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: "
-                         f"{', '.join(required + optional)})")
+        raise StudyError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {', '.join(required + optional)})")
     missing = [k for k in required if k not in d]
     if missing:
         raise StudyError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -94,8 +107,12 @@ def _positive_lrs(lrs, where: str) -> Tuple[float, ...]:
 
 
 def _seeds(seeds, where: str) -> Tuple[int, ...]:
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
-            or len(set(seeds)) != len(seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise StudyError(f"{where}: a non-empty list of distinct integer seeds")
     return tuple(seeds)
 
@@ -120,7 +137,7 @@ class Compare:
 class Efficiency:
     reference: str
     budgets: Tuple[float, ...]  # multiples of the study's iterations, besides 1
-    configs: Tuple[str, ...]    # configurations to measure against the reference
+    configs: Tuple[str, ...]  # configurations to measure against the reference
 
 
 @dataclass(frozen=True)
@@ -151,16 +168,16 @@ class Slurm:
 @dataclass(frozen=True)
 class Study:
     name: str
-    launcher: str                   # local | slurm
+    launcher: str  # local | slurm
     iters: int
     warmup: int
     tokens_per_step: int
     min_lr_ratio: float = 0.1
     wsd_decay_fraction: Optional[float] = None
     save_interval: Optional[int] = None
-    train_flags: Tuple[str, ...] = ()   # local: shared CLI flags of pretrain_gpt_sv.py
-    nproc: int = 1                      # local: 1 = one process, else torchrun with nproc gloo ranks
-    threads: Optional[int] = None       # local: OMP_NUM_THREADS per process
+    train_flags: Tuple[str, ...] = ()  # local: shared CLI flags of pretrain_gpt_sv.py
+    nproc: int = 1  # local: 1 = one process, else torchrun with nproc gloo ranks
+    threads: Optional[int] = None  # local: OMP_NUM_THREADS per process
     slurm: Optional[Slurm] = None
     sweep: Optional[Sweep] = None
     compare: Optional[Compare] = None
@@ -177,15 +194,18 @@ class Study:
             if isinstance(x, dict):
                 return {k: conv(v) for k, v in x.items()}
             return x
+
         return conv(self)
 
 
 def _expand(value: str, where: str) -> str:
     """${VAR} from the environment; an unset variable is an error (a study must not run on a wrong path)."""
+
     def sub(m):
         if m.group(1) not in os.environ:
             raise StudyError(f"{where}: environment variable {m.group(1)} is not set (used as ${{{m.group(1)}}})")
         return os.environ[m.group(1)]
+
     return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
@@ -195,9 +215,26 @@ def _flag_value(flags: Tuple[str, ...], name: str) -> Optional[str]:
 
 
 def study_from_json(d: dict, expand_env: bool = True) -> Study:
-    top = _fields(d, "study", ("name", "launcher", "iters", "warmup"),
-                  ("description", "min_lr_ratio", "wsd_decay_fraction", "save_interval", "train_flags", "nproc",
-                   "threads", "slurm", "sweep", "compare", "efficiency", "weight_decay", "tokens_per_step"))
+    top = _fields(
+        d,
+        "study",
+        ("name", "launcher", "iters", "warmup"),
+        (
+            "description",
+            "min_lr_ratio",
+            "wsd_decay_fraction",
+            "save_interval",
+            "train_flags",
+            "nproc",
+            "threads",
+            "slurm",
+            "sweep",
+            "compare",
+            "efficiency",
+            "weight_decay",
+            "tokens_per_step",
+        ),
+    )
     if top["launcher"] not in ("local", "slurm"):
         raise StudyError("study: launcher must be 'local' or 'slurm'")
     if not isinstance(top["iters"], int) or top["iters"] < 1:
@@ -214,8 +251,9 @@ def study_from_json(d: dict, expand_env: bool = True) -> Study:
     if top["launcher"] == "slurm":
         if "slurm" not in top:
             raise StudyError("study: launcher 'slurm' needs a 'slurm' object (script, env, sbatch_args)")
-        s = _fields(top["slurm"], "study.slurm", ("script", "env"),
-                    ("sbatch_args", "continue_sbatch_args", "max_attempts"))
+        s = _fields(
+            top["slurm"], "study.slurm", ("script", "env"), ("sbatch_args", "continue_sbatch_args", "max_attempts")
+        )
         env = {k: ex(str(v), f"study.slurm.env.{k}") for k, v in s["env"].items()}
         for k in ("GBS", "SEQ"):
             if k not in env:
@@ -223,8 +261,13 @@ def study_from_json(d: dict, expand_env: bool = True) -> Study:
         for k in ("STRATEGY", "LR", "MIN_LR", "SEED", "TRAIN_ITERS", "WARMUP", "SAVE_DIR", "EXTRA_ARGS"):
             if k in env:
                 raise StudyError(f"study.slurm.env: {k} is set per run by the runner; remove it")
-        slurm = Slurm(s["script"], env, tuple(s.get("sbatch_args", [])), tuple(s.get("continue_sbatch_args", [])),
-                      int(s.get("max_attempts", 3)))
+        slurm = Slurm(
+            s["script"],
+            env,
+            tuple(s.get("sbatch_args", [])),
+            tuple(s.get("continue_sbatch_args", [])),
+            int(s.get("max_attempts", 3)),
+        )
         tokens_per_step = int(env["GBS"]) * int(env["SEQ"])
     elif tokens_per_step is None:
         gbs, seq = _flag_value(flags, "--global-batch-size"), _flag_value(flags, "--seq-length")
@@ -239,14 +282,19 @@ def study_from_json(d: dict, expand_env: bool = True) -> Study:
     sweep = compare = eff = wd = None
     if "sweep" in top:
         s = _fields(top["sweep"], "study.sweep", ("configs", "lrs", "seed"), ("max_extensions",))
-        sweep = Sweep(tuple(s["configs"]), _positive_lrs(s["lrs"], "study.sweep.lrs"), int(s["seed"]),
-                      int(s.get("max_extensions", 1)))
+        sweep = Sweep(
+            tuple(s["configs"]),
+            _positive_lrs(s["lrs"], "study.sweep.lrs"),
+            int(s["seed"]),
+            int(s.get("max_extensions", 1)),
+        )
         if len(sweep.lrs) < 2:
             raise StudyError("study.sweep.lrs: at least 2 learning rates")
     if "compare" in top:
         c = _fields(top["compare"], "study.compare", ("configs", "seeds"), ("lr_from", "lr"))
-        compare = Compare(tuple(c["configs"]), _seeds(c["seeds"], "study.compare.seeds"),
-                          dict(c.get("lr_from", {})), c.get("lr"))
+        compare = Compare(
+            tuple(c["configs"]), _seeds(c["seeds"], "study.compare.seeds"), dict(c.get("lr_from", {})), c.get("lr")
+        )
         swept = set(sweep.configs) if sweep else set()
         for cfg in compare.configs:
             src = compare.lr_from.get(cfg)
@@ -266,20 +314,31 @@ def study_from_json(d: dict, expand_env: bool = True) -> Study:
             raise StudyError("study.efficiency.reference must be one of study.compare.configs (its 1x runs)")
         budgets = tuple(sorted(float(b) for b in e["budgets"]))
         if not budgets or any(b <= 0 or b == 1 for b in budgets):
-            raise StudyError("study.efficiency.budgets: positive multiples of iters other than 1 (1x is the "
-                             "comparison's run)")
+            raise StudyError(
+                "study.efficiency.budgets: positive multiples of iters other than 1 (1x is the comparison's run)"
+            )
         cfgs = tuple(e.get("configs", [c for c in compare.configs if c != e["reference"]]))
         for cfg in cfgs:
             if cfg not in compare.configs:
                 raise StudyError(f"study.efficiency.configs: {cfg!r} is not in study.compare.configs")
         eff = Efficiency(e["reference"], budgets, cfgs)
     if "weight_decay" in top:
-        w = _fields(top["weight_decay"], "study.weight_decay", ("base", "policies", "seeds"),
-                    ("lr_from", "lr", "iters", "extra_flags", "tag"))
-        wd = WeightDecay(w["base"], tuple(w["policies"]), _seeds(w["seeds"], "study.weight_decay.seeds"),
-                         w.get("lr_from"), w.get("lr"), w.get("iters"),
-                         tuple(ex(str(f), "study.weight_decay.extra_flags") for f in w.get("extra_flags", [])),
-                         w.get("tag", ""))
+        w = _fields(
+            top["weight_decay"],
+            "study.weight_decay",
+            ("base", "policies", "seeds"),
+            ("lr_from", "lr", "iters", "extra_flags", "tag"),
+        )
+        wd = WeightDecay(
+            w["base"],
+            tuple(w["policies"]),
+            _seeds(w["seeds"], "study.weight_decay.seeds"),
+            w.get("lr_from"),
+            w.get("lr"),
+            w.get("iters"),
+            tuple(ex(str(f), "study.weight_decay.extra_flags") for f in w.get("extra_flags", [])),
+            w.get("tag", ""),
+        )
         if "megatron" not in wd.policies:
             raise StudyError("study.weight_decay.policies must include 'megatron' (the reference)")
         if (wd.lr_from is None) == (wd.lr is None):
@@ -287,19 +346,34 @@ def study_from_json(d: dict, expand_env: bool = True) -> Study:
         if wd.lr_from is not None and (compare is None or wd.lr_from not in compare.configs):
             raise StudyError(f"study.weight_decay.lr_from: {wd.lr_from!r} is not in study.compare.configs")
         if (wd.extra_flags or wd.iters) and not re.fullmatch(r"[A-Za-z0-9.=-]+", wd.tag or ""):
-            raise StudyError("study.weight_decay: a tag (letters, digits, . = -) is required with extra_flags or "
-                             "iters, so its runs are not confused with other runs")
+            raise StudyError(
+                "study.weight_decay: a tag (letters, digits, . = -) is required with extra_flags or "
+                "iters, so its runs are not confused with other runs"
+            )
         for f in wd.extra_flags:
             if f in MANAGED_FLAGS:
                 raise StudyError(f"study.weight_decay.extra_flags: {f} is set per run by the runner")
     if not any((sweep, compare, wd)):
         raise StudyError("study: nothing to run (give sweep, compare and/or weight_decay)")
-    study = Study(name=top["name"], launcher=top["launcher"], iters=top["iters"], warmup=top["warmup"],
-                  tokens_per_step=int(tokens_per_step), min_lr_ratio=float(top.get("min_lr_ratio", 0.1)),
-                  wsd_decay_fraction=top.get("wsd_decay_fraction"), save_interval=top.get("save_interval"),
-                  train_flags=flags, nproc=int(top.get("nproc", 1)), threads=top.get("threads"), slurm=slurm,
-                  sweep=sweep, compare=compare, efficiency=eff, weight_decay=wd,
-                  description=top.get("description", ""))
+    study = Study(
+        name=top["name"],
+        launcher=top["launcher"],
+        iters=top["iters"],
+        warmup=top["warmup"],
+        tokens_per_step=int(tokens_per_step),
+        min_lr_ratio=float(top.get("min_lr_ratio", 0.1)),
+        wsd_decay_fraction=top.get("wsd_decay_fraction"),
+        save_interval=top.get("save_interval"),
+        train_flags=flags,
+        nproc=int(top.get("nproc", 1)),
+        threads=top.get("threads"),
+        slurm=slurm,
+        sweep=sweep,
+        compare=compare,
+        efficiency=eff,
+        weight_decay=wd,
+        description=top.get("description", ""),
+    )
     for cfg in all_configs(study):
         config_flags(cfg)
     return study
@@ -342,18 +416,20 @@ class Run:
 @dataclass
 class Plan:
     """Runs known so far, by stage, plus what the stages still wait for."""
-    runs: Dict[str, Run] = field(default_factory=dict)          # id -> run, in planning order
+
+    runs: Dict[str, Run] = field(default_factory=dict)  # id -> run, in planning order
     stages: Dict[str, List[str]] = field(default_factory=dict)  # stage -> run ids
-    best_lr: Dict[str, float] = field(default_factory=dict)     # swept config -> best LR
+    best_lr: Dict[str, float] = field(default_factory=dict)  # swept config -> best LR
     lr_of: Dict[str, Tuple[float, str]] = field(default_factory=dict)  # compared config -> (LR, source)
-    at_edge: Dict[str, str] = field(default_factory=dict)       # swept config -> 'low'/'high' if unresolved
-    waiting: List[str] = field(default_factory=list)            # human-readable reasons
+    at_edge: Dict[str, str] = field(default_factory=dict)  # swept config -> 'low'/'high' if unresolved
+    waiting: List[str] = field(default_factory=list)  # human-readable reasons
 
     def add(self, stage: str, run: Run) -> None:
         old = self.runs.get(run.id)
         if old is not None and old != run:
-            raise StudyError(f"two different runs would share the directory {run.id} (give the weight_decay "
-                             "stage a tag)")
+            raise StudyError(
+                f"two different runs would share the directory {run.id} (give the weight_decay stage a tag)"
+            )
         self.runs.setdefault(run.id, run)
         ids = self.stages.setdefault(stage, [])
         if run.id not in ids:
@@ -382,8 +458,9 @@ def _sweep_lr(study: Study, plan: Plan, config: str, outcome: Outcome) -> Option
             plan.waiting.append(f"sweep of {config}")
             return None
         if all(math.isinf(v) for v in losses.values()):
-            raise StudyError(f"every LR of the sweep of {config} diverged ({', '.join(map(lr_text, lrs))}): "
-                             "lower the grid")
+            raise StudyError(
+                f"every LR of the sweep of {config} diverged ({', '.join(map(lr_text, lrs))}): lower the grid"
+            )
         best = _select(losses)
         edge = "low" if best == lrs[0] else "high" if best == lrs[-1] else None
         if edge is None or extensions >= sw.max_extensions:
@@ -448,8 +525,10 @@ def budget_iters(iters: int, multiple: float) -> int:
 def hypothetical_outcome(study: Study) -> Outcome:
     """An outcome for estimating a study's size before it runs: every sweep's best LR is an interior grid point
     (no extension) and every run completes."""
+
     def outcome(run: Run) -> float:
         lrs = study.sweep.lrs if study.sweep else (run.lr,)
         mid = lrs[len(lrs) // 2]
         return abs(math.log(run.lr / mid))
+
     return outcome

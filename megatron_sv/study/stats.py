@@ -93,8 +93,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Optional[Tuple[f
     return m - h, m + h
 
 
-def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: int = 10000,
-                       seed: int = 0, statistic=statistics.fmean) -> Optional[Tuple[float, float]]:
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 10000, seed: int = 0, statistic=statistics.fmean
+) -> Optional[Tuple[float, float]]:
     """Percentile interval of `statistic` over resamples of the values (with replacement); fixed RNG seed,
     so a report regenerates identically."""
     if len(values) < 2:
@@ -120,7 +121,7 @@ class Paired:
     std: Optional[float]
     t_ci: Optional[Tuple[float, float]]
     boot_ci: Optional[Tuple[float, float]]
-    agree: int          # seeds whose difference has the sign of the mean (0 when the mean is 0)
+    agree: int  # seeds whose difference has the sign of the mean (0 when the mean is 0)
 
     @property
     def n(self) -> int:
@@ -133,8 +134,15 @@ def paired(values: Dict[int, float], reference: Dict[int, float]) -> Paired:
     d = [values[s] - reference[s] for s in seeds]
     mean = statistics.fmean(d) if d else None
     sign = 0 if not mean else (1 if mean > 0 else -1)
-    return Paired(seeds, d, mean, statistics.stdev(d) if len(d) > 1 else None, t_interval(d),
-                  bootstrap_interval(d), sum(1 for x in d if x * sign > 0))
+    return Paired(
+        seeds,
+        d,
+        mean,
+        statistics.stdev(d) if len(d) > 1 else None,
+        t_interval(d),
+        bootstrap_interval(d),
+        sum(1 for x in d if x * sign > 0),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- efficiency
@@ -174,20 +182,24 @@ def tokens_to_reach(tokens: Sequence[float], losses: Sequence[float], target: fl
 
 @dataclass
 class Efficiency:
-    estimate: float                        # from the seed-mean curves
+    estimate: float  # from the seed-mean curves
     per_seed: Dict[int, float]
-    t_ci: Optional[Tuple[float, float]]    # over per-seed ratios, when none is a bound
+    t_ci: Optional[Tuple[float, float]]  # over per-seed ratios, when none is a bound
     boot_ci: Optional[Tuple[float, float]]
-    range: Tuple[float, float]             # the measured budget range, as ratios
+    range: Tuple[float, float]  # the measured budget range, as ratios
 
 
-def efficiency(ref: Dict[int, Dict[float, float]], target: Dict[int, float], base_tokens: float,
-               resamples: int = 10000, seed: int = 0) -> Optional[Efficiency]:
+def efficiency(
+    ref: Dict[int, Dict[float, float]],
+    target: Dict[int, float],
+    base_tokens: float,
+    resamples: int = 10000,
+    seed: int = 0,
+) -> Optional[Efficiency]:
     """ref: seed -> {tokens: final valid loss}; target: seed -> the configuration's final valid loss at
     base_tokens. Only seeds with every budget and a target are used."""
     budgets = sorted(set.intersection(*[set(v) for v in ref.values()])) if ref else []
-    seeds = sorted(s for s in target if s in ref and all(b in ref[s] for b in budgets)
-                   and math.isfinite(target[s]))
+    seeds = sorted(s for s in target if s in ref and all(b in ref[s] for b in budgets) and math.isfinite(target[s]))
     if len(budgets) < 2 or not seeds:
         return None
 
@@ -200,7 +212,13 @@ def efficiency(ref: Dict[int, Dict[float, float]], target: Dict[int, float], bas
     rng = random.Random(seed)
     boot = None
     if len(seeds) > 1:
-        boot = _percentiles(sorted(ratio([seeds[rng.randrange(len(seeds))] for _ in seeds])
-                                   for _ in range(resamples)), 0.95)
-    return Efficiency(ratio(seeds), per_seed, t_interval(finite) if len(finite) == len(seeds) else None, boot,
-                      (budgets[0] / base_tokens, budgets[-1] / base_tokens))
+        boot = _percentiles(
+            sorted(ratio([seeds[rng.randrange(len(seeds))] for _ in seeds]) for _ in range(resamples)), 0.95
+        )
+    return Efficiency(
+        ratio(seeds),
+        per_seed,
+        t_interval(finite) if len(finite) == len(seeds) else None,
+        boot,
+        (budgets[0] / base_tokens, budgets[-1] / base_tokens),
+    )

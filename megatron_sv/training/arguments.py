@@ -30,8 +30,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.required or action.default is argparse.SUPPRESS
-                or not action.option_strings):
+        if "default" in text or action.required or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if action.nargs == 0 and action.default is False:
             return f"{text} (default: off)"
@@ -53,8 +52,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _bool_pair(g, name: str, help_text: str) -> None:
     dest = name.replace("-", "_")
-    g.add_argument(f"--{name}", dest=dest, action="store_true", default=None,
-                   help=f"{help_text} (default: as the preset of --scale-vector-strategy)")
+    g.add_argument(
+        f"--{name}",
+        dest=dest,
+        action="store_true",
+        default=None,
+        help=f"{help_text} (default: as the preset of --scale-vector-strategy)",
+    )
     g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"turn off --{name}")
 
 
@@ -62,102 +66,185 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser alone imports neither torch nor megatron.core (module top), so --help and argument
     errors come back in a fraction of a second and without Transformer Engine/Apex warnings."""
     p = _Parser(
-        prog="pretrain_gpt_sv.py", description="Pre-train a GPT with scale vectors on Megatron-Core.",
-        allow_abbrev=False, formatter_class=_HelpFormatter,
+        prog="pretrain_gpt_sv.py",
+        description="Pre-train a GPT with scale vectors on Megatron-Core.",
+        allow_abbrev=False,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True, help="transformer layers (required)")
     g.add_argument("--hidden-size", type=int, required=True, help="model width d (required)")
-    g.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="MLP width (default: 4 x --hidden-size; with --swiglu 8/3 x --hidden-size rounded up to "
-                        "a multiple of 64)")
+    g.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="MLP width (default: 4 x --hidden-size; with --swiglu 8/3 x --hidden-size rounded up to a multiple of 64)",
+    )
     g.add_argument("--num-attention-heads", type=int, required=True, help="attention heads (required)")
     g.add_argument("--group-query-attention", action="store_true", help="grouped-query attention (GQA)")
-    g.add_argument("--num-query-groups", type=int, default=None,
-                   help="key/value head groups under --group-query-attention (default: one per head)")
+    g.add_argument(
+        "--num-query-groups",
+        type=int,
+        default=None,
+        help="key/value head groups under --group-query-attention (default: one per head)",
+    )
     g.add_argument("--seq-length", type=int, required=True, help="tokens per sample (required)")
-    g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="positions of learned embeddings (default: --seq-length)")
-    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"],
-                   help="the deterministic normalization N(h)")
+    g.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="positions of learned embeddings (default: --seq-length)",
+    )
+    g.add_argument(
+        "--normalization",
+        default="RMSNorm",
+        choices=["RMSNorm", "LayerNorm"],
+        help="the deterministic normalization N(h)",
+    )
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every normalization")
     g.add_argument("--swiglu", action="store_true", help="gated SwiGLU MLP (gate and up branches)")
-    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"],
-                   help="position encoding")
+    g.add_argument(
+        "--position-embedding-type",
+        default="rope",
+        choices=["rope", "learned_absolute", "none"],
+        help="position encoding",
+    )
     g.add_argument("--rotary-base", type=int, default=None, help="RoPE base (default: 10000)")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="separate LM-head weight instead of the tied input embedding")
+    g.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="separate LM-head weight instead of the tied input embedding",
+    )
     g.add_argument("--qk-layernorm", action="store_true", help="normalize queries and keys per head (QK-norm)")
     g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init")
     g.add_argument("--num-experts", type=int, default=None, help="MoE experts per layer (default: dense MLP)")
     g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default: 2)")
-    g.add_argument("--moe-token-dispatcher-type", default=None, choices=["allgather", "alltoall"],
-                   help="MoE token dispatcher (alltoall needs NCCL; default: allgather)")
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
-                   help="each expert's MLP width (default: --ffn-hidden-size)")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
-                   help="load-balancing loss coefficient (default: 0.0)")
+    g.add_argument(
+        "--moe-token-dispatcher-type",
+        default=None,
+        choices=["allgather", "alltoall"],
+        help="MoE token dispatcher (alltoall needs NCCL; default: allgather)",
+    )
+    g.add_argument(
+        "--moe-ffn-hidden-size", type=int, default=None, help="each expert's MLP width (default: --ffn-hidden-size)"
+    )
+    g.add_argument(
+        "--moe-aux-loss-coeff", type=float, default=None, help="load-balancing loss coefficient (default: 0.0)"
+    )
 
     g = p.add_argument_group("scale vectors")
-    g.add_argument("--scale-vector-strategy", default="standard", choices=list(STRATEGIES),
-                   help="named preset of the method (docs/method.md); --sv-* flags override single switches")
+    g.add_argument(
+        "--scale-vector-strategy",
+        default="standard",
+        choices=list(STRATEGIES),
+        help="named preset of the method (docs/method.md); --sv-* flags override single switches",
+    )
     _bool_pair(g, "sv-branch-specific", "override the preset: one input-side vector per branch (HG)")
-    g.add_argument("--sv-placement", choices=PLACEMENTS, default=None,
-                   help="override the preset: input side only, dual (DP) or dual with normalization (DNP) "
-                        "(default: as the preset)")
-    g.add_argument("--sv-reparam", choices=REPARAMS, default=None,
-                   help="override the preset: plain vectors, OR or ER magnitude-direction form "
-                        "(default: as the preset)")
-    g.add_argument("--sv-weight-decay-policy", choices=WEIGHT_DECAY_POLICIES, default=None,
-                   help="override the preset: which scale vectors get weight decay (default: as the preset)")
-    g.add_argument("--sv-final-norm-role", choices=ROLES, default=None,
-                   help="override the final norm's role for weight decay (default: input, an Input-Norm)")
-    g.add_argument("--sv-post-sublayer-norm", action="store_true",
-                   help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)")
-    g.add_argument("--sv-fold-once-per-step", action="store_true",
-                   help="fp32: cache every folded linear's W_eff once per optimizer step (one weight-sized "
-                        "fp32 buffer per folded linear during forward/backward) instead of letting the cost "
-                        "model choose per layer; under --bf16 weights are always folded once per step, at "
-                        "the optimizer's master->model copy, at no memory cost (docs/performance.md)")
+    g.add_argument(
+        "--sv-placement",
+        choices=PLACEMENTS,
+        default=None,
+        help="override the preset: input side only, dual (DP) or dual with normalization (DNP) "
+        "(default: as the preset)",
+    )
+    g.add_argument(
+        "--sv-reparam",
+        choices=REPARAMS,
+        default=None,
+        help="override the preset: plain vectors, OR or ER magnitude-direction form (default: as the preset)",
+    )
+    g.add_argument(
+        "--sv-weight-decay-policy",
+        choices=WEIGHT_DECAY_POLICIES,
+        default=None,
+        help="override the preset: which scale vectors get weight decay (default: as the preset)",
+    )
+    g.add_argument(
+        "--sv-final-norm-role",
+        choices=ROLES,
+        default=None,
+        help="override the final norm's role for weight decay (default: input, an Input-Norm)",
+    )
+    g.add_argument(
+        "--sv-post-sublayer-norm",
+        action="store_true",
+        help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)",
+    )
+    g.add_argument(
+        "--sv-fold-once-per-step",
+        action="store_true",
+        help="fp32: cache every folded linear's W_eff once per optimizer step (one weight-sized "
+        "fp32 buffer per folded linear during forward/backward) instead of letting the cost "
+        "model choose per layer; under --bf16 weights are always folded once per step, at "
+        "the optimizer's master->model copy, at no memory cost (docs/performance.md)",
+    )
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP degree (1F1B schedule)")
     g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP degree (MoE)")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard optimizer state over data-parallel ranks")
-    g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="reduce gradients bucket by bucket while the backward pass runs")
-    g.add_argument("--overlap-param-gather", action="store_true",
-                   help="all-gather the distributed optimizer's updated parameters bucket by bucket during "
-                        "the next forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="timeout of collective operations")
+    g.add_argument(
+        "--use-distributed-optimizer", action="store_true", help="shard optimizer state over data-parallel ranks"
+    )
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="reduce gradients bucket by bucket while the backward pass runs",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="all-gather the distributed optimizer's updated parameters bucket by bucket during "
+        "the next forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)",
+    )
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of collective operations")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, required=True, help="samples per rank and micro-batch (required)")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="samples per optimizer step (default: micro-batch-size x data-parallel size, no "
-                        "gradient accumulation)")
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="samples per optimizer step (default: micro-batch-size x data-parallel size, no gradient accumulation)",
+    )
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"],
-                   help="AdamW, or Muon (needs the package emerging-optimizers)")
+    g.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "muon"],
+        help="AdamW, or Muon (needs the package emerging-optimizers)",
+    )
     g.add_argument("--lr", type=float, required=True, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
-    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "linear", "constant"],
-                   help="learning-rate schedule after warm-up")
-    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
-                   help="iterations of the final decay phase of --lr-decay-style wsd (default: none; required "
-                        "with wsd)")
-    g.add_argument("--lr-wsd-decay-style", default=None, choices=["exponential", "linear", "cosine", "minus_sqrt"],
-                   help="shape of the WSD decay phase (default: exponential)")
+    g.add_argument(
+        "--lr-decay-style",
+        default="cosine",
+        choices=["cosine", "wsd", "linear", "constant"],
+        help="learning-rate schedule after warm-up",
+    )
+    g.add_argument(
+        "--lr-wsd-decay-iters",
+        type=int,
+        default=None,
+        help="iterations of the final decay phase of --lr-decay-style wsd (default: none; required with wsd)",
+    )
+    g.add_argument(
+        "--lr-wsd-decay-style",
+        default=None,
+        choices=["exponential", "linear", "cosine", "minus_sqrt"],
+        help="shape of the WSD decay phase (default: exponential)",
+    )
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up iterations")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="decay length (default: --train-iters)")
     g.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train (required)")
-    g.add_argument("--weight-decay", type=float, default=0.01,
-                   help="decoupled weight decay; scale vectors follow --sv-weight-decay-policy")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.01,
+        help="decoupled weight decay; scale vectors follow --sv-weight-decay-policy",
+    )
     g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
@@ -166,86 +253,154 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
-    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
-                   help="FP8 GEMMs in every column/row-parallel linear (needs --bf16): e4m3 everywhere, or "
-                        "hybrid (e5m2 gradients). --transformer-impl local: torch._scaled_mm (docs/fp8.md); "
-                        "transformer_engine: TE's FP8 (default: no FP8)")
-    g.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"],
-                   default=None,
-                   help="FP8 scaling: local backend tensorwise or rowwise (dynamic, from the current amax); "
-                        "Transformer Engine delayed, tensorwise, mxfp8 or blockwise (default: tensorwise on "
-                        "local, delayed on transformer_engine)")
-    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
-                   help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
-                        "and fused norm+linear for `standard` (CUDA + Transformer Engine)")
+    g.add_argument(
+        "--fp8-format",
+        choices=["e4m3", "hybrid"],
+        default=None,
+        help="FP8 GEMMs in every column/row-parallel linear (needs --bf16): e4m3 everywhere, or "
+        "hybrid (e5m2 gradients). --transformer-impl local: torch._scaled_mm (docs/fp8.md); "
+        "transformer_engine: TE's FP8 (default: no FP8)",
+    )
+    g.add_argument(
+        "--fp8-recipe",
+        choices=["tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"],
+        default=None,
+        help="FP8 scaling: local backend tensorwise or rowwise (dynamic, from the current amax); "
+        "Transformer Engine delayed, tensorwise, mxfp8 or blockwise (default: tensorwise on "
+        "local, delayed on transformer_engine)",
+    )
+    g.add_argument(
+        "--transformer-impl",
+        choices=["local", "transformer_engine"],
+        default="local",
+        help="local: Megatron-Core local modules (any device); transformer_engine: TE GEMMs "
+        "and fused norm+linear for `standard` (CUDA + Transformer Engine)",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="indexed-dataset prefixes, or 'weight prefix' pairs (default: none; this or --mock-data)")
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="indexed-dataset prefixes, or 'weight prefix' pairs (default: none; this or --mock-data)",
+    )
     g.add_argument("--split", default="969,30,1", help="train,validation,test shares of --data-path")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
-    g.add_argument("--data-cache-path", default=None,
-                   help="where Megatron-Core's dataset index caches go (default: beside the data)")
+    g.add_argument(
+        "--data-cache-path",
+        default=None,
+        help="where Megatron-Core's dataset index caches go (default: beside the data)",
+    )
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES),
-                   help="tokenizer (default: NullTokenizer with --mock-data and --vocab-size, else required)")
-    g.add_argument("--tokenizer-model", default=None,
-                   help="sentencepiece .model file or Hugging Face tokenizer directory (default: none)")
+    g.add_argument(
+        "--tokenizer-type",
+        default=None,
+        choices=list(TOKENIZER_TYPES),
+        help="tokenizer (default: NullTokenizer with --mock-data and --vocab-size, else required)",
+    )
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="sentencepiece .model file or Hugging Face tokenizer directory (default: none)",
+    )
     g.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary (default: none)")
     g.add_argument("--merge-file", default=None, help="GPT-2 BPE merges (default: none)")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size (default: none)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this x TP")
+    g.add_argument(
+        "--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP"
+    )
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory to write (default: no checkpoints)")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from (default: start fresh)")
-    g.add_argument("--save-interval", type=int, default=None,
-                   help="save every N iterations (default: only at the end and on exit signals)")
+    g.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="save every N iterations (default: only at the end and on exit signals)",
+    )
     g.add_argument("--async-save", action="store_true", help="write checkpoints in background processes")
-    g.add_argument("--dist-ckpt-optim-format", default=None,
-                   choices=["fully_reshardable", "dp_reshardable"],
-                   help="distributed-optimizer state: fully_reshardable (loads at any TP/PP/DP layout; "
-                        "gathers per DP group at save; the default) or dp_reshardable (parallel save, reshards over "
-                        "DP only)")
-    g.add_argument("--no-load-optim", action="store_true", default=None,
-                   help="load model weights only (default: off)")
-    g.add_argument("--no-load-rng", action="store_true", default=None,
-                   help="do not restore the random-number states (default: off)")
+    g.add_argument(
+        "--dist-ckpt-optim-format",
+        default=None,
+        choices=["fully_reshardable", "dp_reshardable"],
+        help="distributed-optimizer state: fully_reshardable (loads at any TP/PP/DP layout; "
+        "gathers per DP group at save; the default) or dp_reshardable (parallel save, reshards over "
+        "DP only)",
+    )
+    g.add_argument("--no-load-optim", action="store_true", default=None, help="load model weights only (default: off)")
+    g.add_argument(
+        "--no-load-rng",
+        action="store_true",
+        default=None,
+        help="do not restore the random-number states (default: off)",
+    )
     # Megatron-LM's names, underscores included
-    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
-                   default=None, help="on resume, use the command-line LR/WD schedule instead of the "
-                   "checkpoint's (default: off: a differing schedule is refused)")
-    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
-                   action="store_true", default=None, help="on resume, use the checkpoint's LR/WD schedule and "
-                   "ignore the command-line values (default: off: a differing schedule is refused)")
-    g.add_argument("--finetune", action="store_true",
-                   help="load weights only and restart iteration / consumed samples / schedule at 0")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="save and exit after this many minutes (default: no time limit)")
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="save and exit at this iteration (default: none)")
-    g.add_argument("--exit-signal-handler", dest="exit_signal_handler", action="store_true", default=True,
-                   help="on SIGTERM/SIGUSR1 save a checkpoint and exit (default: on)")
-    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
-                   help="turn off --exit-signal-handler")
+    g.add_argument(
+        "--override-opt_param-scheduler",
+        dest="override_opt_param_scheduler",
+        action="store_true",
+        default=None,
+        help="on resume, use the command-line LR/WD schedule instead of the "
+        "checkpoint's (default: off: a differing schedule is refused)",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        dest="use_checkpoint_opt_param_scheduler",
+        action="store_true",
+        default=None,
+        help="on resume, use the checkpoint's LR/WD schedule and "
+        "ignore the command-line values (default: off: a differing schedule is refused)",
+    )
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="load weights only and restart iteration / consumed samples / schedule at 0",
+    )
+    g.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="save and exit after this many minutes (default: no time limit)",
+    )
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit at this iteration (default: none)")
+    g.add_argument(
+        "--exit-signal-handler",
+        dest="exit_signal_handler",
+        action="store_true",
+        default=True,
+        help="on SIGTERM/SIGUSR1 save a checkpoint and exit (default: on)",
+    )
+    g.add_argument(
+        "--no-exit-signal-handler",
+        dest="exit_signal_handler",
+        action="store_false",
+        help="turn off --exit-signal-handler",
+    )
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="evaluate every N iterations")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100, help="print a training line every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event directory (default: no TensorBoard)")
-    g.add_argument("--metrics-file", default=None,
-                   help="jsonl with one machine-readable record per iteration and evaluation (rank 0; "
-                        "default: none)")
-    g.add_argument("--no-scale-vector-stats", action="store_true",
-                   help="skip the per-vector TensorBoard statistics")
-    g.add_argument("--wandb-project", default=None,
-                   help="log the TensorBoard scalars to this Weights & Biases project too (needs the package "
-                        "wandb: pip install -e .[wandb]; WANDB_MODE=offline keeps the run local; default: no wandb)")
+    g.add_argument(
+        "--metrics-file",
+        default=None,
+        help="jsonl with one machine-readable record per iteration and evaluation (rank 0; default: none)",
+    )
+    g.add_argument("--no-scale-vector-stats", action="store_true", help="skip the per-vector TensorBoard statistics")
+    g.add_argument(
+        "--wandb-project",
+        default=None,
+        help="log the TensorBoard scalars to this Weights & Biases project too (needs the package "
+        "wandb: pip install -e .[wandb]; WANDB_MODE=offline keeps the run local; default: no wandb)",
+    )
     g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb chooses one)")
-    g.add_argument("--wandb-save-dir", default=None,
-                   help="where wandb writes its files (default: SAVE/wandb with --save, else ./wandb)")
+    g.add_argument(
+        "--wandb-save-dir",
+        default=None,
+        help="where wandb writes its files (default: SAVE/wandb with --save, else ./wandb)",
+    )
     # test-only: poison the loss at this iteration to exercise the NaN guard
     g.add_argument("--inject-nan-at-iteration", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -288,35 +443,64 @@ class ConditionalFlag:
 
 
 CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
-    ConditionalFlag("rotary_base", 10000, "--position-embedding-type rope",
-                    lambda a: a.position_embedding_type == "rope"),
+    ConditionalFlag(
+        "rotary_base", 10000, "--position-embedding-type rope", lambda a: a.position_embedding_type == "rope"
+    ),
     ConditionalFlag("moe_router_topk", 2, "--num-experts", lambda a: bool(a.num_experts)),
     ConditionalFlag("moe_token_dispatcher_type", "allgather", "--num-experts", lambda a: bool(a.num_experts)),
     ConditionalFlag("moe_ffn_hidden_size", None, "--num-experts", lambda a: bool(a.num_experts)),
     ConditionalFlag("moe_aux_loss_coeff", 0.0, "--num-experts", lambda a: bool(a.num_experts)),
-    ConditionalFlag("lr_wsd_decay_style", "exponential", "--lr-decay-style wsd",
-                    lambda a: a.lr_decay_style == "wsd"),
+    ConditionalFlag("lr_wsd_decay_style", "exponential", "--lr-decay-style wsd", lambda a: a.lr_decay_style == "wsd"),
     ConditionalFlag("fp8_recipe", None, "--fp8-format", lambda a: a.fp8_format is not None),  # default: by backend
-    ConditionalFlag("dist_ckpt_optim_format", "fully_reshardable", "--use-distributed-optimizer",
-                    lambda a: a.use_distributed_optimizer),
+    ConditionalFlag(
+        "dist_ckpt_optim_format",
+        "fully_reshardable",
+        "--use-distributed-optimizer",
+        lambda a: a.use_distributed_optimizer,
+    ),
     ConditionalFlag("no_load_optim", False, "--load", lambda a: bool(a.load)),
     ConditionalFlag("no_load_rng", False, "--load", lambda a: bool(a.load)),
-    ConditionalFlag("override_opt_param_scheduler", False, "--load (without --finetune)",
-                    lambda a: bool(a.load) and not a.finetune, flag="--override-opt_param-scheduler"),
-    ConditionalFlag("use_checkpoint_opt_param_scheduler", False, "--load (without --finetune)",
-                    lambda a: bool(a.load) and not a.finetune, flag="--use-checkpoint-opt_param-scheduler"),
-    ConditionalFlag("sv_weight_decay_policy", None, "learnable scale vectors (not --scale-vector-strategy none)",
-                    lambda a: a.scale_vector_strategy != "none"),
-    ConditionalFlag("sv_final_norm_role", None, "--sv-weight-decay-policy iwd (roles only choose weight decay)",
-                    lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd"),
-    ConditionalFlag("tokenizer_model", None, "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",
-                    lambda a: a.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer")),
-    ConditionalFlag("vocab_file", None, "--tokenizer-type GPT2BPETokenizer",
-                    lambda a: a.tokenizer_type == "GPT2BPETokenizer"),
-    ConditionalFlag("merge_file", None, "--tokenizer-type GPT2BPETokenizer",
-                    lambda a: a.tokenizer_type == "GPT2BPETokenizer"),
-    ConditionalFlag("vocab_size", None, "--tokenizer-type NullTokenizer",
-                    lambda a: a.tokenizer_type in (None, "NullTokenizer")),
+    ConditionalFlag(
+        "override_opt_param_scheduler",
+        False,
+        "--load (without --finetune)",
+        lambda a: bool(a.load) and not a.finetune,
+        flag="--override-opt_param-scheduler",
+    ),
+    ConditionalFlag(
+        "use_checkpoint_opt_param_scheduler",
+        False,
+        "--load (without --finetune)",
+        lambda a: bool(a.load) and not a.finetune,
+        flag="--use-checkpoint-opt_param-scheduler",
+    ),
+    ConditionalFlag(
+        "sv_weight_decay_policy",
+        None,
+        "learnable scale vectors (not --scale-vector-strategy none)",
+        lambda a: a.scale_vector_strategy != "none",
+    ),
+    ConditionalFlag(
+        "sv_final_norm_role",
+        None,
+        "--sv-weight-decay-policy iwd (roles only choose weight decay)",
+        lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd",
+    ),
+    ConditionalFlag(
+        "tokenizer_model",
+        None,
+        "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",
+        lambda a: a.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"),
+    ),
+    ConditionalFlag(
+        "vocab_file", None, "--tokenizer-type GPT2BPETokenizer", lambda a: a.tokenizer_type == "GPT2BPETokenizer"
+    ),
+    ConditionalFlag(
+        "merge_file", None, "--tokenizer-type GPT2BPETokenizer", lambda a: a.tokenizer_type == "GPT2BPETokenizer"
+    ),
+    ConditionalFlag(
+        "vocab_size", None, "--tokenizer-type NullTokenizer", lambda a: a.tokenizer_type in (None, "NullTokenizer")
+    ),
 )
 
 
@@ -338,9 +522,20 @@ def check_conditional_flags(args: argparse.Namespace) -> None:
             setattr(args, flag.dest, flag.default)
 
 
-FINITE_FLOATS = ["lr", "min_lr", "clip_grad", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                 "init_method_std", "norm_epsilon", "moe_aux_loss_coeff", "exit_duration_in_mins",
-                 "distributed_timeout_minutes"]
+FINITE_FLOATS = [
+    "lr",
+    "min_lr",
+    "clip_grad",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "init_method_std",
+    "norm_epsilon",
+    "moe_aux_loss_coeff",
+    "exit_duration_in_mins",
+    "distributed_timeout_minutes",
+]
 
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -354,14 +549,29 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.world_size = world_size
     check_conditional_flags(args)
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        _fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other "
-              "(command-line schedule or the checkpoint's); give one")
+        _fail(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other "
+            "(command-line schedule or the checkpoint's); give one"
+        )
     if args.sv_fold_once_per_step and args.transformer_impl == "transformer_engine":
-        _fail("--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine (the TE "
-              "linears fold per micro-batch); drop one of the two flags")
-    positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "expert_model_parallel_size", "eval_interval", "log_interval", "make_vocab_size_divisible_by"]
+        _fail(
+            "--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine (the TE "
+            "linears fold per micro-batch); drop one of the two flags"
+        )
+    positive = [
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "micro_batch_size",
+        "train_iters",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "eval_interval",
+        "log_interval",
+        "make_vocab_size_divisible_by",
+    ]
     for name in FINITE_FLOATS:  # NaN passes every comparison below, inf most of them
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             _fail(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
@@ -373,16 +583,17 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     # model shape
     if args.hidden_size % args.num_attention_heads:
-        _fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-              f"{args.num_attention_heads}")
+        _fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
     if args.num_query_groups is not None and not args.group_query_attention:
         _fail("--num-query-groups needs --group-query-attention")
     if args.group_query_attention:
         if not args.num_query_groups:
             _fail("--group-query-attention needs --num-query-groups")
         if args.num_attention_heads % args.num_query_groups:
-            _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
-                  f"{args.num_query_groups}")
+            _fail(
+                f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+                f"{args.num_query_groups}"
+            )
     groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -394,24 +605,31 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if not 1 <= args.moe_router_topk <= args.num_experts:
             _fail(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {args.num_experts}]")
         if args.num_experts % args.expert_model_parallel_size:
-            _fail(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
-                  f"{args.expert_model_parallel_size}")
+            _fail(
+                f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                f"{args.expert_model_parallel_size}"
+            )
     elif args.expert_model_parallel_size > 1:
         _fail("--expert-model-parallel-size > 1 needs --num-experts")
 
     # scale vectors
     try:
         args.sv_config = strategy_config(
-            args.scale_vector_strategy, branch_specific=args.sv_branch_specific, placement=args.sv_placement,
-            reparam=args.sv_reparam, weight_decay_policy=args.sv_weight_decay_policy,
-            final_norm_role=args.sv_final_norm_role, fold_once_per_step=args.sv_fold_once_per_step)
+            args.scale_vector_strategy,
+            branch_specific=args.sv_branch_specific,
+            placement=args.sv_placement,
+            reparam=args.sv_reparam,
+            weight_decay_policy=args.sv_weight_decay_policy,
+            final_norm_role=args.sv_final_norm_role,
+            fold_once_per_step=args.sv_fold_once_per_step,
+        )
     except ValueError as e:
         _fail(str(e))
 
     # parallelism
-    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.expert_model_parallel_size)
+    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
     from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
+
     try:
         args.data_parallel_size = validate_parallel_sizes(world_size, tp, pp, ep)
     except ValueError as e:
@@ -423,23 +641,26 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.num_attention_heads % tp:
-        _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-              f"--tensor-model-parallel-size {tp}")
+        _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
     if groups % tp:
         _fail(f"the number of query groups ({groups}) is not divisible by --tensor-model-parallel-size {tp}")
     if args.num_layers % pp:
         _fail(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.sequence_parallel and args.seq_length % tp:
-        _fail(f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
-              "(needed by --sequence-parallel)")
+        _fail(
+            f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+            "(needed by --sequence-parallel)"
+        )
 
     # batch
     dp = args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
-        _fail(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-              f"{args.micro_batch_size} x data-parallel size {dp} (world {world_size} / (TP {tp} x PP {pp}))")
+        _fail(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp} (world {world_size} / (TP {tp} x PP {pp}))"
+        )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
     # optimization
@@ -447,8 +668,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         try:
             import emerging_optimizers  # noqa: F401
         except ImportError:
-            _fail("--optimizer muon uses megatron.core.optimizer.muon, which needs the package "
-                  "'emerging-optimizers' (pip install emerging-optimizers); it is not installed")
+            _fail(
+                "--optimizer muon uses megatron.core.optimizer.muon, which needs the package "
+                "'emerging-optimizers' (pip install emerging-optimizers); it is not installed"
+            )
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         _fail(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
     if args.lr_decay_iters is None:
@@ -459,8 +682,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if args.lr_wsd_decay_iters is None:
             _fail("--lr-decay-style wsd needs --lr-wsd-decay-iters")
         if not 0 < args.lr_wsd_decay_iters <= args.lr_decay_iters - args.lr_warmup_iters:
-            _fail(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in (0, --lr-decay-iters - "
-                  f"--lr-warmup-iters = {args.lr_decay_iters - args.lr_warmup_iters}]")
+            _fail(
+                f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in (0, --lr-decay-iters - "
+                f"--lr-warmup-iters = {args.lr_decay_iters - args.lr_warmup_iters}]"
+            )
     elif args.lr_wsd_decay_iters is not None:
         _fail("--lr-wsd-decay-iters only applies to --lr-decay-style wsd")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
@@ -477,8 +702,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         except TransformerEngineUnavailable as e:
             _fail(f"--transformer-impl transformer_engine: {e}")
         if args.num_experts:
-            _fail("--transformer-impl transformer_engine does not support MoE (--num-experts) yet; "
-                  "use --transformer-impl local")
+            _fail(
+                "--transformer-impl transformer_engine does not support MoE (--num-experts) yet; "
+                "use --transformer-impl local"
+            )
     args.fp8 = None  # the local backend's FP8Recipe, set by _check_local_fp8
     if args.fp8_format is not None:
         if not args.bf16:
@@ -486,8 +713,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if args.transformer_impl == "transformer_engine":
             args.fp8_recipe = args.fp8_recipe or "delayed"
             if args.fp8_recipe == "rowwise":
-                _fail("--fp8-recipe rowwise is the local backend's (torch._scaled_mm); Transformer Engine "
-                      "offers delayed, tensorwise, mxfp8 and blockwise")
+                _fail(
+                    "--fp8-recipe rowwise is the local backend's (torch._scaled_mm); Transformer Engine "
+                    "offers delayed, tensorwise, mxfp8 and blockwise"
+                )
         else:
             args.fp8_recipe = args.fp8_recipe or "tensorwise"
             _check_local_fp8(args, groups)
@@ -496,15 +725,20 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.mock_data and args.data_path:
         _fail("give either --mock-data or --data-path, not both")
     if not args.mock_data and not args.data_path:
-        _fail("no training data: give --data-path PREFIX (a .bin/.idx pair from tools/preprocess_data.py) "
-              "or --mock-data")
+        _fail(
+            "no training data: give --data-path PREFIX (a .bin/.idx pair from tools/preprocess_data.py) or --mock-data"
+        )
     if args.tokenizer_type is None:
         if args.mock_data and args.vocab_size:
             args.tokenizer_type = "NullTokenizer"
         else:
             _fail("--tokenizer-type is required")
-    need = {"SentencePieceTokenizer": ["tokenizer_model"], "HuggingFaceTokenizer": ["tokenizer_model"],
-            "GPT2BPETokenizer": ["vocab_file", "merge_file"], "NullTokenizer": []}[args.tokenizer_type]
+    need = {
+        "SentencePieceTokenizer": ["tokenizer_model"],
+        "HuggingFaceTokenizer": ["tokenizer_model"],
+        "GPT2BPETokenizer": ["vocab_file", "merge_file"],
+        "NullTokenizer": [],
+    }[args.tokenizer_type]
     for name in need:
         path = getattr(args, name)
         flag = "--" + name.replace("_", "-")
@@ -516,6 +750,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--tokenizer-type NullTokenizer needs --vocab-size")
     if args.data_path:
         from megatron_sv.data.datasets import check_dataset_files, parse_blend, parse_split
+
         try:
             prefixes, _ = parse_blend(args.data_path)
             check_dataset_files(prefixes)
@@ -526,16 +761,20 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # evaluation
     if args.eval_iters > 0 and args.data_path:
         from megatron_sv.data.datasets import parse_split
+
         if parse_split(args.split)[1] == 0:
-            _fail(f"--eval-iters {args.eval_iters} needs a validation share in --split {args.split!r} "
-                  "(or --eval-iters 0)")
+            _fail(
+                f"--eval-iters {args.eval_iters} needs a validation share in --split {args.split!r} (or --eval-iters 0)"
+            )
 
     # experiment tracking
     if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:
         _fail("--wandb-exp-name/--wandb-save-dir need --wandb-project")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:  # found without importing it
-        _fail("--wandb-project needs the package 'wandb', which is not installed (pip install wandb, or "
-              "pip install -e .[wandb])")
+        _fail(
+            "--wandb-project needs the package 'wandb', which is not installed (pip install wandb, or "
+            "pip install -e .[wandb])"
+        )
 
     # checkpoints
     if args.save_interval is not None and args.save_interval <= 0:
@@ -550,8 +789,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--finetune needs --load")
     try:
         if args.load:
-            check_load_dir(args.load, allow_empty=(args.save is not None and _same_dir(args.load, args.save)),
-                           warn=_warn_once)
+            check_load_dir(
+                args.load, allow_empty=(args.save is not None and _same_dir(args.load, args.save)), warn=_warn_once
+            )
         if args.save:
             check_save_dir(args.save, args.load)
             check_free_space(args.save, _checkpoint_bytes_estimate(args), warn=_warn_once)
@@ -572,10 +812,15 @@ def _check_local_fp8(args: argparse.Namespace, groups: int) -> None:
     try:
         args.fp8 = FP8Recipe(args.fp8_format, args.fp8_recipe)
         check_fp8_model_dims(
-            hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads, num_query_groups=groups,
-            kv_channels=args.hidden_size // args.num_attention_heads, ffn_hidden_size=ffn, gated=args.swiglu,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=groups,
+            kv_channels=args.hidden_size // args.num_attention_heads,
+            ffn_hidden_size=ffn,
+            gated=args.swiglu,
             tp=args.tensor_model_parallel_size,
-            moe_ffn_hidden_size=(args.moe_ffn_hidden_size or ffn) if args.num_experts else None)
+            moe_ffn_hidden_size=(args.moe_ffn_hidden_size or ffn) if args.num_experts else None,
+        )
         if torch.cuda.is_available():
             check_fp8_capability(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     except FP8Unsupported as e:
@@ -601,8 +846,6 @@ def _checkpoint_bytes_estimate(args: argparse.Namespace) -> int:
 
 def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
-
-
 
 
 def args_for_checkpoint(args: argparse.Namespace) -> dict:

@@ -20,8 +20,15 @@ class MicroBatchSampler(torch.utils.data.Sampler):
     """Yields this data-parallel rank's micro-batches (lists of sample indices), global batch after
     global batch, starting at ``consumed_samples``."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 num_microbatches: int, data_parallel_rank: int, data_parallel_size: int):
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        num_microbatches: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
         self.total = total_samples
         self.consumed = consumed_samples
         self.mbs = micro_batch_size
@@ -30,8 +37,10 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         self.global_batch = self.per_rank * data_parallel_size
         self.dp_rank = data_parallel_rank
         if consumed_samples % self.global_batch:
-            raise ValueError(f"consumed samples {consumed_samples} is not a multiple of the global batch "
-                             f"{self.global_batch}; the global batch size changed since the checkpoint?")
+            raise ValueError(
+                f"consumed samples {consumed_samples} is not a multiple of the global batch "
+                f"{self.global_batch}; the global batch size changed since the checkpoint?"
+            )
 
     def __len__(self) -> int:
         return max(0, (self.total - self.consumed) // self.global_batch) * self.nmb
@@ -48,8 +57,13 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 def build_tokenizer_from_args(args):
     from megatron_sv.data.tokenizers import build_tokenizer
 
-    return build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-                           vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
+    return build_tokenizer(
+        args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
+    )
 
 
 def build_datasets(args, tokenizer):
@@ -59,25 +73,39 @@ def build_datasets(args, tokenizer):
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = args.eval_iters * args.global_batch_size
     train, valid, _ = build_train_valid_test_datasets(
-        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+        args.data_path,
+        args.split,
+        args.seq_length,
+        args.seed,
+        tokenizer,
         [train_samples, valid_samples if valid_samples else None, None],
-        mock=args.mock_data, cache_dir=args.data_cache_path, is_built_on_rank=lambda: True,
+        mock=args.mock_data,
+        cache_dir=args.data_cache_path,
+        is_built_on_rank=lambda: True,
         create_attention_mask=False,
     )
     if train is None or len(train) < train_samples:
-        raise RuntimeError(f"the train split holds {0 if train is None else len(train)} samples, "
-                           f"{train_samples} needed")
+        raise RuntimeError(
+            f"the train split holds {0 if train is None else len(train)} samples, {train_samples} needed"
+        )
     if valid_samples and (valid is None or len(valid) < valid_samples):
-        raise RuntimeError(f"the validation split holds {0 if valid is None else len(valid)} samples, "
-                           f"{valid_samples} needed (--eval-iters x --global-batch-size)")
+        raise RuntimeError(
+            f"the validation split holds {0 if valid is None else len(valid)} samples, "
+            f"{valid_samples} needed (--eval-iters x --global-batch-size)"
+        )
     return train, valid
 
 
-def micro_batches(dataset, sampler: MicroBatchSampler, num_workers: int = 0,
-                  device: Optional[torch.device] = None) -> Iterator[dict]:
+def micro_batches(
+    dataset, sampler: MicroBatchSampler, num_workers: int = 0, device: Optional[torch.device] = None
+) -> Iterator[dict]:
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
-        pin_memory=device is not None and device.type == "cuda", persistent_workers=False)
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=False,
+    )
     for batch in loader:
         if device is not None and device.type != "cpu":
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

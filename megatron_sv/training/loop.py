@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_sv.scale_vectors import training_hooks as sv_hooks
 from megatron_sv.checkpointing.model_io import model_differences
+from megatron_sv.scale_vectors import training_hooks as sv_hooks
 from megatron_sv.training.arguments import args_for_checkpoint, padded_vocab_size
 from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED, EXIT_OK, report_bad_args
 from megatron_sv.training.lr_schedule import adopt_checkpoint_wsd, build_scheduler, check_schedule
@@ -86,8 +86,9 @@ class Trainer:
         self.start_time = getattr(args, "_start_time", time.time())
         from megatron_sv.training.metrics import MetricsWriter, wandb_config_from_args
 
-        self.out = MetricsWriter(self.rank, args.tensorboard_dir, args.metrics_file,
-                                 wandb_config_from_args(args, args_for_checkpoint(args)))
+        self.out = MetricsWriter(
+            self.rank, args.tensorboard_dir, args.metrics_file, wandb_config_from_args(args, args_for_checkpoint(args))
+        )
         self.iteration = 0
         self.consumed_samples = 0
         self.async_queue = None
@@ -103,19 +104,36 @@ class Trainer:
 
         a = self.args
         shape = GPTShape(
-            num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
-            vocab_size=a.padded_vocab_size, seq_length=a.seq_length, ffn_hidden_size=a.ffn_hidden_size,
+            num_layers=a.num_layers,
+            hidden_size=a.hidden_size,
+            num_attention_heads=a.num_attention_heads,
+            vocab_size=a.padded_vocab_size,
+            seq_length=a.seq_length,
+            ffn_hidden_size=a.ffn_hidden_size,
             num_query_groups=a.num_query_groups if a.group_query_attention else None,
-            max_position_embeddings=a.max_position_embeddings, normalization=a.normalization,
-            norm_epsilon=a.norm_epsilon, swiglu=a.swiglu, position_embedding_type=a.position_embedding_type,
-            rotary_base=a.rotary_base, untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
-            qk_layernorm=a.qk_layernorm, post_sublayer_norm=a.sv_post_sublayer_norm,
-            init_method_std=a.init_method_std, num_experts=a.num_experts, moe_router_topk=a.moe_router_topk,
-            moe_ffn_hidden_size=a.moe_ffn_hidden_size, moe_token_dispatcher_type=a.moe_token_dispatcher_type,
+            max_position_embeddings=a.max_position_embeddings,
+            normalization=a.normalization,
+            norm_epsilon=a.norm_epsilon,
+            swiglu=a.swiglu,
+            position_embedding_type=a.position_embedding_type,
+            rotary_base=a.rotary_base,
+            untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
+            qk_layernorm=a.qk_layernorm,
+            post_sublayer_norm=a.sv_post_sublayer_norm,
+            init_method_std=a.init_method_std,
+            num_experts=a.num_experts,
+            moe_router_topk=a.moe_router_topk,
+            moe_ffn_hidden_size=a.moe_ffn_hidden_size,
+            moe_token_dispatcher_type=a.moe_token_dispatcher_type,
             moe_aux_loss_coeff=a.moe_aux_loss_coeff,
         )
-        layout = ParallelLayout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                                a.sequence_parallel, a.expert_model_parallel_size, a.bf16)
+        layout = ParallelLayout(
+            a.tensor_model_parallel_size,
+            a.pipeline_model_parallel_size,
+            a.sequence_parallel,
+            a.expert_model_parallel_size,
+            a.bf16,
+        )
         # FP8: Transformer Engine reads its recipe from the config; the local backend's FP8 linears get theirs
         # (a.fp8, set by validate_args) through the layer spec
         te_fp8 = a.fp8_format and a.transformer_impl == "transformer_engine"
@@ -130,9 +148,11 @@ class Trainer:
         model.to(self.device)
         # grad_reduce_in_fp32: main_grad accumulates and reduces in fp32 (--accumulate-allreduce-grads-in-fp32)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=a.overlap_grad_reduce,
             overlap_param_gather=a.overlap_param_gather,
-            use_distributed_optimizer=a.use_distributed_optimizer)
+            use_distributed_optimizer=a.use_distributed_optimizer,
+        )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
         from megatron_sv.scale_vectors.training_hooks import wrap_finalize
 
@@ -144,8 +164,9 @@ class Trainer:
         from megatron_sv.models.gpt.model import build_gpt_model
 
         a = self.args
-        return build_gpt_model(shape, a.sv_config, self.config, transformer_impl=a.transformer_impl,
-                               fp8=getattr(a, "fp8", None))
+        return build_gpt_model(
+            shape, a.sv_config, self.config, transformer_impl=a.transformer_impl, fp8=getattr(a, "fp8", None)
+        )
 
     def build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -154,13 +175,22 @@ class Trainer:
 
         a = self.args
         opt_config = OptimizerConfig(
-            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
-            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
-            bf16=a.bf16, fp16=False, params_dtype=torch.bfloat16 if a.bf16 else torch.float32,
+            optimizer=a.optimizer,
+            lr=a.lr,
+            min_lr=a.min_lr,
+            weight_decay=a.weight_decay,
+            adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2,
+            adam_eps=a.adam_eps,
+            clip_grad=a.clip_grad,
+            bf16=a.bf16,
+            fp16=False,
+            params_dtype=torch.bfloat16 if a.bf16 else torch.float32,
             use_distributed_optimizer=a.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(
-            opt_config, [self.model], config_overrides=scale_vector_config_overrides(a.sv_config))
+            opt_config, [self.model], config_overrides=scale_vector_config_overrides(a.sv_config)
+        )
         # where each folded linear folds (at the optimizer's master -> model copy under --bf16; fp32 by a
         # cost model); folds the model weights now
         folder = sv_hooks.optimizer_ready([self.model], self.optimizer, self._fold_policy())
@@ -171,10 +201,12 @@ class Trainer:
         from megatron_sv.scale_vectors.step_fold import FOLD_COST_PER_TOKEN, FoldPolicy
 
         a = self.args
-        return FoldPolicy(mode="step" if a.sv_fold_once_per_step else "auto",
-                          tokens_per_micro_batch=a.micro_batch_size * a.seq_length,
-                          micro_batches_per_step=a.num_microbatches,
-                          fold_cost_per_token=FOLD_COST_PER_TOKEN.get(self.device.type, FOLD_COST_PER_TOKEN["cuda"]))
+        return FoldPolicy(
+            mode="step" if a.sv_fold_once_per_step else "auto",
+            tokens_per_micro_batch=a.micro_batch_size * a.seq_length,
+            micro_batches_per_step=a.num_microbatches,
+            fold_cost_per_token=FOLD_COST_PER_TOKEN.get(self.device.type, FOLD_COST_PER_TOKEN["cuda"]),
+        )
 
     def report_start(self):
         from megatron_sv.scale_vectors.param_groups import format_param_group_table, param_group_table
@@ -187,12 +219,17 @@ class Trainer:
             f"{a.pipeline_model_parallel_size} x DP {a.data_parallel_size} (EP {a.expert_model_parallel_size}); "
             f"global batch {a.global_batch_size} = micro-batch {a.micro_batch_size} x {a.num_microbatches} "
             f"micro-batches x DP {a.data_parallel_size}; seq {a.seq_length}; vocab {a.padded_vocab_size} "
-            f"(tokenizer {self.tokenizer.vocab_size}); device {self.device.type}")
-        self.out.print(f"scale vectors: strategy {a.scale_vector_strategy} ({a.sv_config.describe()}); "
-                       f"folded linears: {_describe_plans(self.fold_plans)}")
+            f"(tokenizer {self.tokenizer.vocab_size}); device {self.device.type}"
+        )
+        self.out.print(
+            f"scale vectors: strategy {a.scale_vector_strategy} ({a.sv_config.describe()}); "
+            f"folded linears: {_describe_plans(self.fold_plans)}"
+        )
         if getattr(a, "fp8", None) is not None:
-            self.out.print(f"precision: {a.fp8.describe()} in every column/row-parallel linear "
-                           "(torch._scaled_mm); LM head and everything else bf16")
+            self.out.print(
+                f"precision: {a.fp8.describe()} in every column/row-parallel linear "
+                "(torch._scaled_mm); LM head and everything else bf16"
+            )
         rows = param_group_table(a.sv_config, [module], a.weight_decay)
         self.out.print("parameter groups (rank 0's shard):\n" + format_param_group_table(rows))
         self.out.print(str(parameter_report([module])) + " (rank 0's shard)")
@@ -216,11 +253,13 @@ class Trainer:
             raise CheckpointError(
                 f"--use-distributed-optimizer: checkpoint {bool(saved_distopt)}, now {a.use_distributed_optimizer}; "
                 "the optimizer state does not load across that switch: resume with the checkpoint's setting, or "
-                "add --no-load-optim to load the weights only")
+                "add --no-load-optim to load the weights only"
+            )
         if not self.args.finetune and saved.get("global_batch_size") not in (None, self.args.global_batch_size):
             raise CheckpointError(
                 f"--global-batch-size {self.args.global_batch_size} differs from the checkpoint's "
-                f"{saved.get('global_batch_size')}; the data order would change (use --finetune to restart)")
+                f"{saved.get('global_batch_size')}; the data order would change (use --finetune to restart)"
+            )
 
     def _check_saved_schedule(self, common: Dict) -> None:
         saved_args = common.get("args", {})
@@ -235,10 +274,15 @@ class Trainer:
             return
         weights_only = a.finetune or a.no_load_optim
         state = load_checkpoint(
-            a.load, [self.model], optimizer=None if weights_only else self.optimizer,
+            a.load,
+            [self.model],
+            optimizer=None if weights_only else self.optimizer,
             scheduler=None if a.finetune else self.scheduler,
-            load_rng=not (a.no_load_rng or a.finetune), check_args=self._check_saved_args,
-            check_common=None if a.finetune else self._check_saved_schedule, log=self.out.print)
+            load_rng=not (a.no_load_rng or a.finetune),
+            check_args=self._check_saved_args,
+            check_common=None if a.finetune else self._check_saved_schedule,
+            log=self.out.print,
+        )
         if state is None:
             self.out.print(f"no checkpoint in {a.load} yet: starting from scratch")
             return
@@ -262,12 +306,22 @@ class Trainer:
         self._async_iteration = self.iteration  # the newest background save, named if it fails
         if a.overlap_param_gather:  # the last step's all-gather is deferred to the next forward: do it now
             self.model.start_param_sync(force_sync=True)
-        save_checkpoint(a.save, self.iteration, [self.model], self.optimizer, self.scheduler, extra,
-                        async_queue=self.async_queue, log=self.out.print,
-                        optimizer_format=a.dist_ckpt_optim_format,
-                        model_tensors=sv_hooks.checkpoint_tensors([self.model], self.optimizer))
-        self.out.print(f"checkpoint save of iteration {self.iteration} took {time.time() - t0:.2f} s"
-                       + (" (async; finishing in the background)" if self.async_queue is not None else ""))
+        save_checkpoint(
+            a.save,
+            self.iteration,
+            [self.model],
+            self.optimizer,
+            self.scheduler,
+            extra,
+            async_queue=self.async_queue,
+            log=self.out.print,
+            optimizer_format=a.dist_ckpt_optim_format,
+            model_tensors=sv_hooks.checkpoint_tensors([self.model], self.optimizer),
+        )
+        self.out.print(
+            f"checkpoint save of iteration {self.iteration} took {time.time() - t0:.2f} s"
+            + (" (async; finishing in the background)" if self.async_queue is not None else "")
+        )
 
     # ------------------------------------------------------------------ steps
     def _forward_step(self, poison_iteration: Optional[int], data_iterator, model):
@@ -294,15 +348,22 @@ class Trainer:
         self.optimizer.zero_grad()
         reduced = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, a.inject_nan_at_iteration),
-            data_iterator=iter(batches), model=[self.model], num_microbatches=a.num_microbatches,
-            seq_length=a.seq_length, micro_batch_size=a.micro_batch_size, forward_only=False)
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=a.num_microbatches,
+            seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size,
+            forward_only=False,
+        )
         loss = self._reduce_loss(reduced)
         # Both checks run before the optimizer step: a diverged step applies nothing.
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: the loss is {loss}")
         if not gradients_are_finite(self.model, self.device):
-            raise TrainingDivergedError(f"iteration {self.iteration + 1}: non-finite (NaN/Inf) gradients before "
-                                        f"the optimizer step (loss {loss:.6E}); no update was applied")
+            raise TrainingDivergedError(
+                f"iteration {self.iteration + 1}: non-finite (NaN/Inf) gradients before "
+                f"the optimizer step (loss {loss:.6E}); no update was applied"
+            )
         sv_hooks.before_optimizer_step([self.model], self.optimizer)
         ok, grad_norm, _ = self.optimizer.step()
         sv_hooks.after_parameters_changed([self.model], self.optimizer)
@@ -321,16 +382,27 @@ class Trainer:
         if not a.eval_iters or self.valid_ds is None:
             return None
         self.model.eval()
-        sampler = MicroBatchSampler(a.eval_iters * a.global_batch_size, 0, a.micro_batch_size,
-                                    a.num_microbatches, self.ps.get_data_parallel_rank(), a.data_parallel_size)
+        sampler = MicroBatchSampler(
+            a.eval_iters * a.global_batch_size,
+            0,
+            a.micro_batch_size,
+            a.num_microbatches,
+            self.ps.get_data_parallel_rank(),
+            a.data_parallel_size,
+        )
         it = micro_batches(self.valid_ds, sampler, a.num_workers, self.device)
         total = 0.0
         for _ in range(a.eval_iters):
             batches = [next(it) for _ in range(a.num_microbatches)]
             reduced = get_forward_backward_func()(
-                forward_step_func=partial(self._forward_step, None), data_iterator=iter(batches),
-                model=[self.model], num_microbatches=a.num_microbatches, seq_length=a.seq_length,
-                micro_batch_size=a.micro_batch_size, forward_only=True)
+                forward_step_func=partial(self._forward_step, None),
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=a.num_microbatches,
+                seq_length=a.seq_length,
+                micro_batch_size=a.micro_batch_size,
+                forward_only=True,
+            )
             total += self._reduce_loss(reduced)
         self.model.train()
         loss = total / a.eval_iters
@@ -349,8 +421,9 @@ class Trainer:
         stats = scale_vector_statistics([self.model.module])
         offset = get_transformer_layer_offset(self.config)
         if offset:
-            stats = {re.sub(r"^layer(\d+)/", lambda m: f"layer{int(m.group(1)) + offset}/", k): v
-                     for k, v in stats.items()}
+            stats = {
+                re.sub(r"^layer(\d+)/", lambda m: f"layer{int(m.group(1)) + offset}/", k): v for k, v in stats.items()
+            }
         keep = self.ps.get_data_parallel_rank() == 0
         gathered = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
         torch.distributed.gather_object(stats if keep else {}, gathered, dst=0)
@@ -376,7 +449,6 @@ class Trainer:
         from megatron_sv.training.data import MicroBatchSampler, micro_batches
 
         a = self.args
-        handler = self.exit_handler
         try:
             self.build_model()
             self.build_optimizer()
@@ -385,13 +457,19 @@ class Trainer:
                 self._setup_async()
             self.maybe_load()
             self.build_data()
-            sampler = MicroBatchSampler(a.train_iters * a.global_batch_size, self.consumed_samples,
-                                        a.micro_batch_size, a.num_microbatches,
-                                        self.ps.get_data_parallel_rank(), a.data_parallel_size)
+            sampler = MicroBatchSampler(
+                a.train_iters * a.global_batch_size,
+                self.consumed_samples,
+                a.micro_batch_size,
+                a.num_microbatches,
+                self.ps.get_data_parallel_rank(),
+                a.data_parallel_size,
+            )
             data = micro_batches(self.train_ds, sampler, a.num_workers, self.device)
             tokens_per_step = a.global_batch_size * a.seq_length
-            self.out.print(f"training from iteration {self.iteration} to {a.train_iters} "
-                           f"({tokens_per_step} tokens per step)")
+            self.out.print(
+                f"training from iteration {self.iteration} to {a.train_iters} ({tokens_per_step} tokens per step)"
+            )
             self.model.train()
             window_t, window_n = time.time(), 0
             exit_reason = None
@@ -404,9 +482,17 @@ class Trainer:
                 self.iteration += 1
                 self.consumed_samples += a.global_batch_size
                 window_n += 1
-                self.out.record("train", self.iteration, {
-                    "loss": loss, "grad_norm": grad_norm, "lr": lr, "consumed_samples": self.consumed_samples,
-                    "ms_per_iter": step_ms})
+                self.out.record(
+                    "train",
+                    self.iteration,
+                    {
+                        "loss": loss,
+                        "grad_norm": grad_norm,
+                        "lr": lr,
+                        "consumed_samples": self.consumed_samples,
+                        "ms_per_iter": step_ms,
+                    },
+                )
                 if self.async_queue is not None:
                     self.finalize_async_saves(blocking=False)
                 if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
@@ -418,10 +504,18 @@ class Trainer:
                         f" iteration {self.iteration:8d}/{a.train_iters:8d} | consumed tokens: "
                         f"{self.consumed_samples * a.seq_length:12d} | lr: {lr:.4E} | loss: {loss:.6E} | "
                         f"grad norm: {gn} | tokens/s: {tps:10.1f} | ms/iter: {ms:8.1f} | "
-                        f"mem: {_memory()}")
-                    self.out.scalars(self.iteration, {"train/loss": loss, "train/lr": lr,
-                                                      "train/grad_norm": grad_norm, "train/tokens_per_s": tps,
-                                                      "train/ms_per_iter": ms})
+                        f"mem: {_memory()}"
+                    )
+                    self.out.scalars(
+                        self.iteration,
+                        {
+                            "train/loss": loss,
+                            "train/lr": lr,
+                            "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": tps,
+                            "train/ms_per_iter": ms,
+                        },
+                    )
                     if not a.no_scale_vector_stats and self.out is not None:
                         self.log_scale_vectors()
                     window_t, window_n = time.time(), 0
@@ -437,8 +531,10 @@ class Trainer:
                 if a.save and (exit_reason or (a.save_interval and self.iteration % a.save_interval == 0)):
                     self.save()
                 if exit_reason:
-                    self.out.print(f"exiting at iteration {self.iteration}: {exit_reason}"
-                                   + (f"; checkpoint in {a.save}" if a.save else " (no --save: nothing saved)"))
+                    self.out.print(
+                        f"exiting at iteration {self.iteration}: {exit_reason}"
+                        + (f"; checkpoint in {a.save}" if a.save else " (no --save: nothing saved)")
+                    )
                     break
             else:
                 self.evaluate()
@@ -446,10 +542,12 @@ class Trainer:
                     self.save()
             if self.async_queue is not None:
                 self.finalize_async_saves(blocking=True)
-            self.out.print(f"done: iteration {self.iteration}, {time.time() - self.start_time:.1f} s"
-                           + (f"; checkpoints in {a.save}" if a.save else "")
-                           + (f"; TensorBoard logs in {a.tensorboard_dir}" if a.tensorboard_dir else "")
-                           + (f"; wandb run in {self.out.wandb.dir}" if self.out.wandb is not None else ""))
+            self.out.print(
+                f"done: iteration {self.iteration}, {time.time() - self.start_time:.1f} s"
+                + (f"; checkpoints in {a.save}" if a.save else "")
+                + (f"; TensorBoard logs in {a.tensorboard_dir}" if a.tensorboard_dir else "")
+                + (f"; wandb run in {self.out.wandb.dir}" if self.out.wandb is not None else "")
+            )
             return EXIT_OK
         finally:
             self.out.close()
@@ -469,8 +567,11 @@ class Trainer:
         self.async_queue = AsyncCallsQueue()
 
 
-_PLAN_NAMES = {"master": "folded at the master->model copy once per step",
-               "cached": "cached fold once per step", "micro_batch": "folded per micro-batch"}
+_PLAN_NAMES = {
+    "master": "folded at the master->model copy once per step",
+    "cached": "cached fold once per step",
+    "micro_batch": "folded per micro-batch",
+}
 
 
 def _describe_plans(plans) -> str:
@@ -489,8 +590,9 @@ def run(args) -> int:
         from megatron_sv.training.data import build_tokenizer_from_args
 
         tokenizer = build_tokenizer_from_args(args)
-        args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                                   args.tensor_model_parallel_size)
+        args.padded_vocab_size = padded_vocab_size(
+            tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
         if args.data_path:
             from megatron_sv.data.datasets import parse_blend
             from megatron_sv.data.verify import check_datasets
@@ -509,14 +611,19 @@ def run(args) -> int:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+        seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
     try:
         return Trainer(args, tokenizer, exit_handler=handler).run()
     except TrainingDivergedError as e:
         if torch.distributed.get_rank() == 0:
-                print(f"pretrain_gpt_sv.py: training diverged at {e}; stopping without saving "
-                  f"(the last good checkpoint{' in ' + args.save if args.save else ''} is untouched)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"pretrain_gpt_sv.py: training diverged at {e}; stopping without saving "
+                f"(the last good checkpoint{' in ' + args.save if args.save else ''} is untouched)",
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_DIVERGED
     except CheckpointError as e:
         print(f"pretrain_gpt_sv.py: checkpoint error: {e}", file=sys.stderr, flush=True)

@@ -54,11 +54,19 @@ def build_scheduler(optimizer, args):
     # a constant weight decay never reads and which follows --train-iters).
     use_checkpoint = bool(args.use_checkpoint_opt_param_scheduler) or not args.override_opt_param_scheduler
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style,
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
         use_checkpoint_opt_param_scheduler=use_checkpoint,
         override_opt_param_scheduler=bool(args.override_opt_param_scheduler),
     )
@@ -68,8 +76,9 @@ def _wsd_relevant(sched: Dict[str, Any]) -> bool:
     return sched.get("lr_decay_style") == "wsd"
 
 
-def schedule_differences(scheduler, saved_state: Optional[Dict[str, Any]], saved_args: Dict[str, Any],
-                         args) -> List[str]:
+def schedule_differences(
+    scheduler, saved_state: Optional[Dict[str, Any]], saved_args: Dict[str, Any], args
+) -> List[str]:
     """'name: checkpoint X, now Y (flag)' for every schedule value that differs from the checkpoint's."""
     if not saved_state:
         return []
@@ -99,9 +108,11 @@ def check_schedule(scheduler, saved_state, saved_args, args) -> None:
     diff = schedule_differences(scheduler, saved_state, saved_args, args)
     if diff:
         raise CheckpointError(
-            "the learning-rate schedule differs from the checkpoint's: " + "; ".join(diff)
+            "the learning-rate schedule differs from the checkpoint's: "
+            + "; ".join(diff)
             + f". Pass {OVERRIDE_FLAG} to use the command-line values or {USE_CHECKPOINT_FLAG} to use the "
-            "checkpoint's")
+            "checkpoint's"
+        )
 
 
 def adopt_checkpoint_wsd(scheduler, saved_args: Dict[str, Any], args) -> None:

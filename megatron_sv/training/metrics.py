@@ -44,8 +44,13 @@ def wandb_config_from_args(args, config: Dict[str, Any]) -> Optional[WandbConfig
 
 
 class MetricsWriter:
-    def __init__(self, rank: int, tensorboard_dir: Optional[str], metrics_file: Optional[str],
-                 wandb_config: Optional[WandbConfig] = None):
+    def __init__(
+        self,
+        rank: int,
+        tensorboard_dir: Optional[str],
+        metrics_file: Optional[str],
+        wandb_config: Optional[WandbConfig] = None,
+    ):
         self.active = rank == 0
         self.tb = None
         self.wandb = None
@@ -61,8 +66,12 @@ class MetricsWriter:
 
             if wandb_config.save_dir:
                 os.makedirs(wandb_config.save_dir, exist_ok=True)
-            self.wandb = wandb.init(project=wandb_config.project, name=wandb_config.name,
-                                    dir=wandb_config.save_dir, config=wandb_config.config)
+            self.wandb = wandb.init(
+                project=wandb_config.project,
+                name=wandb_config.name,
+                dir=wandb_config.save_dir,
+                config=wandb_config.config,
+            )
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
             self.jsonl = open(metrics_file, "a", buffering=1)

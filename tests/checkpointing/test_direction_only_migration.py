@@ -12,12 +12,47 @@ import pytest
 from tests.training.cli import check, losses, run
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-FLAGS = ["--num-layers", "1", "--hidden-size", "16", "--ffn-hidden-size", "32", "--num-attention-heads", "2",
-         "--seq-length", "8", "--swiglu", "--micro-batch-size", "1", "--global-batch-size", "1", "--lr", "1e-2",
-         "--lr-decay-style", "constant", "--train-iters", "4", "--mock-data", "--tokenizer-type", "NullTokenizer",
-         "--vocab-size", "60", "--make-vocab-size-divisible-by", "8", "--scale-vector-strategy", "unified",
-         "--eval-iters", "0", "--no-scale-vector-stats", "--weight-decay", "0.1", "--seed", "5",
-         "--log-interval", "1"]
+FLAGS = [
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "16",
+    "--ffn-hidden-size",
+    "32",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "8",
+    "--swiglu",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "1",
+    "--lr",
+    "1e-2",
+    "--lr-decay-style",
+    "constant",
+    "--train-iters",
+    "4",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "60",
+    "--make-vocab-size-divisible-by",
+    "8",
+    "--scale-vector-strategy",
+    "unified",
+    "--eval-iters",
+    "0",
+    "--no-scale-vector-stats",
+    "--weight-decay",
+    "0.1",
+    "--seed",
+    "5",
+    "--log-interval",
+    "1",
+]
 
 
 def test_old_unified_checkpoint_resumes_without_the_redundant_magnitudes(tmp_path):

@@ -25,9 +25,14 @@ def _save_and_reload_distributed_optimizer(rank, world_size, path):
 
         def make():
             cfg = reference_config(num_layers=1, hidden_size=32)
-            ddp = DistributedDataParallel(config=cfg, module=build_reference_gpt(cfg, 64, 8),
-                                          ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
-            opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [ddp])
+            ddp = DistributedDataParallel(
+                config=cfg,
+                module=build_reference_gpt(cfg, 64, 8),
+                ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True),
+            )
+            opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [ddp]
+            )
             return ddp, opt
 
         tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(rank))
@@ -51,12 +56,12 @@ def _save_and_reload_distributed_optimizer(rank, world_size, path):
         step(ddp2, opt2)
         states = lambda o: [o.optimizer.state[p] for g in o.optimizer.param_groups for p in g["params"]]  # noqa: E731
         pairs = list(zip(states(opt), states(opt2)))
-        return bool(pairs) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-                                   for a, b in pairs)
+        return bool(pairs) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in pairs)
     finally:
         destroy_distributed()
 
 
 def test_distributed_optimizer_fully_reshardable_checkpoint_without_te(tmp_path):
-    assert run_distributed(_save_and_reload_distributed_optimizer, world_size=2, args=(str(tmp_path / "c"),),
-                           timeout=300) == [True, True]
+    assert run_distributed(
+        _save_and_reload_distributed_optimizer, world_size=2, args=(str(tmp_path / "c"),), timeout=300
+    ) == [True, True]

@@ -28,19 +28,23 @@ def test_every_model_and_method_flag_is_declared():
     # every declared key is a flag (the padded vocabulary is derived from the tokenizer and TP)
     assert declared - dests == {"padded_vocab_size"}
     exempt = set(model_io.SHAPE_FIELDS_NOT_DEFINING) | set(model_io.SV_FIELDS_NOT_DEFINING)
-    assert exempt <= {f.name for f in dataclasses.fields(GPTShape)} | {f.name for f in
-                                                                      dataclasses.fields(ScaleVectorConfig)}
+    assert exempt <= {f.name for f in dataclasses.fields(GPTShape)} | {
+        f.name for f in dataclasses.fields(ScaleVectorConfig)
+    }
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--norm-epsilon", "1e-6"], "--norm-epsilon: checkpoint 1e-05, now 1e-06"),
-    (["--rotary-base", "500000"], "--rotary-base: checkpoint 10000, now 500000"),
-    (["--ffn-hidden-size", "128"], "--ffn-hidden-size: checkpoint 192, now 128"),
-    (["--sv-reparam", "er"], "--sv-reparam: checkpoint 'or', now 'er'"),
-    (["--sv-weight-decay-policy", "all"], "--sv-weight-decay-policy: checkpoint 'iwd', now 'all'"),
-    (["--scale-vector-strategy", "standard"], "--sv-branch-specific: checkpoint True, now False"),
-    (["--sv-post-sublayer-norm"], "--sv-post-sublayer-norm: checkpoint False, now True"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--norm-epsilon", "1e-6"], "--norm-epsilon: checkpoint 1e-05, now 1e-06"),
+        (["--rotary-base", "500000"], "--rotary-base: checkpoint 10000, now 500000"),
+        (["--ffn-hidden-size", "128"], "--ffn-hidden-size: checkpoint 192, now 128"),
+        (["--sv-reparam", "er"], "--sv-reparam: checkpoint 'or', now 'er'"),
+        (["--sv-weight-decay-policy", "all"], "--sv-weight-decay-policy: checkpoint 'iwd', now 'all'"),
+        (["--scale-vector-strategy", "standard"], "--sv-branch-specific: checkpoint True, now False"),
+        (["--sv-post-sublayer-norm"], "--sv-post-sublayer-norm: checkpoint False, now True"),
+    ],
+)
 def test_a_changed_model_or_method_flag_is_named_with_both_values(extra, message):
     assert message in "; ".join(model_io.model_differences(_saved(), _saved(extra)))
 
@@ -62,4 +66,5 @@ def test_conversion_records_every_defining_field():
     written = model_io.args_for_model(shape, saved["scale_vector_strategy"])
     assert model_io.model_differences(saved, written) == []
     assert model_io.model_differences(saved, dict(written, norm_epsilon=1e-5)) == [
-        "--norm-epsilon: checkpoint 1e-06, now 1e-05"]
+        "--norm-epsilon: checkpoint 1e-06, now 1e-05"
+    ]

@@ -20,12 +20,27 @@ def tokens(vocab: int) -> torch.Tensor:
 
 def tiny_hf(kind: str, path: str, vocab: int = 100, seed: int = 0):
     """A 2-layer Llama / Mistral / Mixtral with random norm weights (some negative), saved as safetensors."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                              MixtralForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        rms_norm_eps=1e-5,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif kind == "mistral":
@@ -69,9 +84,20 @@ def megatron_logits_single(root: str, vocab: int) -> torch.Tensor:
 def _source_shape(moe: bool):
     from megatron_sv.models.gpt.model import GPTShape
 
-    return GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=128,
-                    seq_length=SEQ, ffn_hidden_size=48, init_method_std=0.2, norm_epsilon=1e-5,
-                    num_experts=4 if moe else None, moe_router_topk=2, moe_ffn_hidden_size=48 if moe else None)
+    return GPTShape(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=128,
+        seq_length=SEQ,
+        ffn_hidden_size=48,
+        init_method_std=0.2,
+        norm_epsilon=1e-5,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=48 if moe else None,
+    )
 
 
 def _global_name(model, name: str) -> str:
@@ -139,8 +165,9 @@ def make_sources(rank, world_size, tp, pp, moe, root):
             before = _logits_at_layout(model, pp, 128)
             count = perturb_scale_vectors(model, sv.reparam)
             after = _logits_at_layout(model, pp, 128)
-            args = args_for_model(shape, strategy, layout=dict(tensor_model_parallel_size=tp,
-                                                               pipeline_model_parallel_size=pp))
+            args = args_for_model(
+                shape, strategy, layout=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            )
             save_checkpoint(os.path.join(root, strategy), 3, [model], extra={"args": args}, log=lambda s: None)
             out[strategy] = (after, before, count)
     finally:
@@ -155,16 +182,18 @@ def layout_logits(rank, world_size, tp, pp, ep, roots, vocab):
     from megatron_sv.models.gpt.model import ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.platform import destroy_distributed, initialize_distributed
 
-    initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                           expert_model_parallel_size=ep, seed=5)
+    initialize_distributed(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep, seed=5
+    )
     out = {}
     try:
         for name, root in roots.items():
             _, args = read_checkpoint_args(root)
             shape, sv = shape_from_args(args), sv_config_from_args(args)
             shape = type(shape)(**{**shape.__dict__, "seq_length": SEQ})
-            model = build_gpt_model(shape, sv, transformer_config(shape, ParallelLayout(tp, pp, False, ep)),
-                                    init_seed=99)
+            model = build_gpt_model(
+                shape, sv, transformer_config(shape, ParallelLayout(tp, pp, False, ep)), init_seed=99
+            )
             load_checkpoint(root, [model], load_rng=False, log=lambda s: None)
             model.eval()
             logits = _logits_at_layout(model, pp, vocab)

@@ -47,8 +47,13 @@ def test_tracker_with_invalid_utf8_names_the_file(tmp_path):
         read_tracker(str(tmp_path))
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598"),
+    ],
+)
 def test_full_disk_during_save_keeps_the_previous_checkpoint(source, tmp_path, monkeypatch, failure):
     """The checkpoint writer fails as on a full disk (its forked workers inherit the patched write)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -80,8 +85,10 @@ def hf_dir(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-                                             (None, "missing key 'hidden_size'")])
+@pytest.mark.parametrize(
+    "content,message",
+    [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"), (None, "missing key 'hidden_size'")],
+)
 def test_bad_config_json_names_the_file(hf_dir, tmp_path, content, message):
     cfg = os.path.join(hf_dir, "config.json")
     if content is None:

@@ -19,13 +19,17 @@ from tests.training.cli import ROOT, check, env, read_metrics, run
 
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 # texts that break careless conversions: runs of spaces and tabs, blank lines, non-ASCII, byte fallback
-HARD_TEXTS = ["def f(x):\n\n\tif x:  # two  spaces\n        return x\r\n", "   leading spaces", "héllo wörld 日本 😀",
-              "\x00\x01 control bytes", ""]
+HARD_TEXTS = [
+    "def f(x):\n\n\tif x:  # two  spaces\n        return x\r\n",
+    "   leading spaces",
+    "héllo wörld 日本 😀",
+    "\x00\x01 control bytes",
+    "",
+]
 
 
 def _convert(*args):
-    return check(subprocess.run([sys.executable, CONVERT, *args], cwd=ROOT, env=env(), capture_output=True,
-                                text=True))
+    return check(subprocess.run([sys.executable, CONVERT, *args], cwd=ROOT, env=env(), capture_output=True, text=True))
 
 
 @pytest.mark.timeout(900)  # three tools and a training run: about 1 minute on an idle 2-core machine
@@ -37,7 +41,7 @@ def test_imported_checkpoint_finetunes_with_pretrain_cli_and_exports_its_tokeniz
     # the default corpus's kind of tokenizer (same trainer and settings, smaller vocabulary and sample)
     corpus = [text for _, text in iter_stdlib_documents(max_bytes=300_000)]
     sp_model = str(tmp_path / "sp" / "tok") + ".model"
-    train_sentencepiece(corpus, sp_model[:-len(".model")], vocab_size=600, input_sentence_size=20_000, num_threads=2)
+    train_sentencepiece(corpus, sp_model[: -len(".model")], vocab_size=600, input_sentence_size=20_000, num_threads=2)
     sp = build_tokenizer("SentencePieceTokenizer", sp_model)
 
     hf_dir, ckpt, tuned = str(tmp_path / "hf"), str(tmp_path / "ckpt"), str(tmp_path / "tuned")
@@ -46,11 +50,41 @@ def test_imported_checkpoint_finetunes_with_pretrain_cli_and_exports_its_tokeniz
     flags = open(os.path.join(ckpt, "model_flags.txt")).read().split()
     assert "--tokenizer-model" not in flags  # that HF directory had no tokenizer
     metrics = str(tmp_path / "m.jsonl")
-    out = check(run([*flags, "--load", ckpt, "--finetune", "--save", tuned, "--mock-data",
-                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
-                     "--micro-batch-size", "2", "--global-batch-size", "2",
-                     "--train-iters", "2", "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0",
-                     "--metrics-file", metrics, "--no-scale-vector-stats", "--seed", "3"], nproc=1))
+    out = check(
+        run(
+            [
+                *flags,
+                "--load",
+                ckpt,
+                "--finetune",
+                "--save",
+                tuned,
+                "--mock-data",
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                sp_model,
+                "--micro-batch-size",
+                "2",
+                "--global-batch-size",
+                "2",
+                "--train-iters",
+                "2",
+                "--lr",
+                "1e-3",
+                "--log-interval",
+                "1",
+                "--eval-iters",
+                "0",
+                "--metrics-file",
+                metrics,
+                "--no-scale-vector-stats",
+                "--seed",
+                "3",
+            ],
+            nproc=1,
+        )
+    )
     assert "loaded checkpoint" in out.stdout
     losses = {i: r["loss"] for i, r in read_metrics(metrics).items()}
     assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -78,8 +78,9 @@ def test_import_into_inner_norms_needs_flag(hf_models, single_process, tmp_path,
         import_from_hf(hf_models["llama"][0], out, strategy=strategy, seq_length=16, **QUIET)
     assert not os.path.exists(out)
     messages = []
-    report = import_from_hf(hf_models["llama"][0], out, strategy=strategy, seq_length=16,
-                            allow_function_change=True, log=messages.append)
+    report = import_from_hf(
+        hf_models["llama"][0], out, strategy=strategy, seq_length=16, allow_function_change=True, log=messages.append
+    )
     assert not report["function_preserving"]
     assert any(m.startswith("WARNING") and "warm start" in m for m in messages)
     got = megatron_logits_single(out, 100)
@@ -98,8 +99,14 @@ def _tensors(path):
 
 # the HF linear maps fed by each norm, and whether unified puts an inner norm N_b after them
 _ATTN_NORM, _MLP_NORM = "input_layernorm", "post_attention_layernorm"
-_FED = (("q_proj", _ATTN_NORM, True), ("k_proj", _ATTN_NORM, True), ("v_proj", _ATTN_NORM, False),
-        ("gate_proj", _MLP_NORM, True), ("up_proj", _MLP_NORM, True), ("mlp.gate.", _MLP_NORM, False))
+_FED = (
+    ("q_proj", _ATTN_NORM, True),
+    ("k_proj", _ATTN_NORM, True),
+    ("v_proj", _ATTN_NORM, False),
+    ("gate_proj", _MLP_NORM, True),
+    ("up_proj", _MLP_NORM, True),
+    ("mlp.gate.", _MLP_NORM, False),
+)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
@@ -118,9 +125,14 @@ def test_round_trip_through_unified(hf_models, single_process, tmp_path, kind):
     export_to_hf(str(tmp_path / "u"), str(tmp_path / "hf"), **QUIET)
     a, b = _tensors(src), _tensors(str(tmp_path / "hf"))
     assert json.load(open(tmp_path / "hf" / "config.json"))["vocab_size"] == 100
-    renamed = {k.replace("block_sparse_moe.experts.", "mlp.experts.").replace("block_sparse_moe.gate", "mlp.gate")
-               .replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj."): k
-               for k in a}
+    renamed = {
+        k.replace("block_sparse_moe.experts.", "mlp.experts.")
+        .replace("block_sparse_moe.gate", "mlp.gate")
+        .replace(".w1.", ".gate_proj.")
+        .replace(".w3.", ".up_proj.")
+        .replace(".w2.", ".down_proj."): k
+        for k in a
+    }
     assert set(renamed) <= set(b)
     extra = set(b) - set(renamed)
     assert extra and all(k.endswith("out_scale") for k in extra)
@@ -132,7 +144,10 @@ def test_round_trip_through_unified(hf_models, single_process, tmp_path, kind):
         fed = [(norm, inner) for part, norm, inner in _FED if part in new_name and new_name.endswith("weight")]
         if fed and "layers." in new_name:
             norm, inner = fed[0]
-            g_old, g_new = a[renamed.get(f"{layer}.{norm}.weight", f"{layer}.{norm}.weight")], b[f"{layer}.{norm}.weight"]
+            g_old, g_new = (
+                a[renamed.get(f"{layer}.{norm}.weight", f"{layer}.{norm}.weight")],
+                b[f"{layer}.{norm}.weight"],
+            )
             want = a[old_name] * g_old / (g_old.square().mean().sqrt() if inner else 1.0)
             torch.testing.assert_close(b[new_name] * g_new, want, rtol=1e-5, atol=1e-7, msg=new_name)
             checked += 1
@@ -186,15 +201,20 @@ def test_reparameterize_into_unified_needs_flag(imported, single_process, tmp_pa
 
     with pytest.raises(ConversionError, match="--allow-function-change"):
         convert_megatron(imported[("llama", "standard")], str(tmp_path / "u"), strategy="unified", **QUIET)
-    report = convert_megatron(imported[("llama", "standard")], str(tmp_path / "u"), strategy="unified",
-                              allow_function_change=True, **QUIET)
+    report = convert_megatron(
+        imported[("llama", "standard")], str(tmp_path / "u"), strategy="unified", allow_function_change=True, **QUIET
+    )
     assert not report["function_preserving"]
 
 
 # ------------------------------------------------------------------------------------------ errors
 def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _write_config(path, **changes):
@@ -248,6 +268,7 @@ def test_error_missing_files(hf_models, tmp_path):
     with pytest.raises(ConversionError, match="no config.json"):
         import_from_hf(src, str(tmp_path / "o"), **QUIET)
     from megatron_sv.checkpointing import CheckpointError
+
     (tmp_path / "not_a_checkpoint").mkdir()
     with pytest.raises(CheckpointError, match="latest_checkpointed_iteration"):
         export_to_hf(str(tmp_path / "not_a_checkpoint"), str(tmp_path / "o"), **QUIET)

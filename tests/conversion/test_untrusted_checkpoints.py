@@ -57,8 +57,11 @@ def _crafted_byte_item(ckpt, marker):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     metadata = _metadata(ckpt)
-    index, info = next((i, s) for i, s in metadata.storage_data.items()
-                       if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    index, info = next(
+        (i, s)
+        for i, s in metadata.storage_data.items()
+        if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    )
     buf = io.BytesIO()
     torch.save(Payload(marker), buf)
     path = os.path.join(ckpt, info.relative_path)
@@ -80,8 +83,12 @@ def _crafted_rng(ckpt, marker):
     torch.save({"torch_cpu": Payload(marker)}, os.path.join(ckpt, "rng", "rank_00000.pt"))
 
 
-CRAFTS = {"metadata": (_crafted_metadata, ".metadata"), "byte_item": (_crafted_byte_item, ".distcp"),
-          "common": (_crafted_common, "common.pt"), "rng": (_crafted_rng, "rank_00000.pt")}
+CRAFTS = {
+    "metadata": (_crafted_metadata, ".metadata"),
+    "byte_item": (_crafted_byte_item, ".distcp"),
+    "common": (_crafted_common, "common.pt"),
+    "rng": (_crafted_rng, "rank_00000.pt"),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(CRAFTS))
@@ -115,8 +122,11 @@ def test_the_payloads_are_live_for_torch_own_reader(source, tmp_path):
     root, ckpt = _copy(source, tmp_path / "b")
     marker = str(tmp_path / "marker_item")
     path = _crafted_byte_item(ckpt, marker)
-    info = next(s for s in _metadata(ckpt).storage_data.values() if s.relative_path == os.path.basename(path)
-                and s.offset + s.length == os.path.getsize(path))
+    info = next(
+        s
+        for s in _metadata(ckpt).storage_data.values()
+        if s.relative_path == os.path.basename(path) and s.offset + s.length == os.path.getsize(path)
+    )
     with open(path, "rb") as f:
         f.seek(info.offset)
         torch.load(io.BytesIO(f.read(info.length)), weights_only=False)  # what torch's load planner does
@@ -127,8 +137,21 @@ def test_export_tool_refuses(source, tmp_path):
     root, ckpt = _copy(source, tmp_path)
     marker = str(tmp_path / "marker")
     _crafted_metadata(ckpt, marker)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "export",
-                        "--load", root, "--save", str(tmp_path / "hf_out")], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "convert_checkpoint.py"),
+            "export",
+            "--load",
+            root,
+            "--save",
+            str(tmp_path / "hf_out"),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and not os.path.exists(marker)
     assert ".metadata: refusing to unpickle" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy
 import pytest
 
 from megatron_sv.data.datasets import build_train_valid_test_datasets
@@ -72,8 +71,14 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path, capsys):
 def test_regenerated_data_does_not_reuse_the_index_cache(tmp_path):
     prefix, cache = str(tmp_path / "d"), str(tmp_path / "cache")
     tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
-    kw = dict(split="1,0,0", seq_length=16, seed=1, tokenizer=tok, train_valid_test_num_samples=[60, None, None],
-              cache_dir=cache)
+    kw = dict(
+        split="1,0,0",
+        seq_length=16,
+        seed=1,
+        tokenizer=tok,
+        train_valid_test_num_samples=[60, None, None],
+        cache_dir=cache,
+    )
     write_indexed_dataset(prefix, _docs(40, 30, hi=100), vocab_size=VOCAB + 1)
     build_train_valid_test_datasets([prefix], **kw)
     # regenerated (as by preprocess_data --overwrite): fewer, shorter documents of other tokens; the old

@@ -91,8 +91,14 @@ def test_samples_come_from_the_split_documents(tmp_path, numbered_dataset):
     prefix, docs = numbered_dataset
     tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
     train, valid, test = build_train_valid_test_datasets(
-        [prefix], "80,20,0", seq_length=32, seed=5, tokenizer=tok,
-        train_valid_test_num_samples=[100, 10, 0], cache_dir=str(tmp_path / "cache"))
+        [prefix],
+        "80,20,0",
+        seq_length=32,
+        seed=5,
+        tokenizer=tok,
+        train_valid_test_num_samples=[100, 10, 0],
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert test is None and len(train) >= 100 and len(valid) >= 10
     docs_by_id = dict(enumerate(docs))
     for ds, allowed in ((train, range(0, 40)), (valid, range(40, 50))):
@@ -105,8 +111,14 @@ def test_samples_come_from_the_split_documents(tmp_path, numbered_dataset):
             assert {t // 1000 for t in tokens if t != tok.eod} <= set(allowed)
     # same seed, same samples: the cache is reused and deterministic
     again, _, _ = build_train_valid_test_datasets(
-        [prefix], "80,20,0", seq_length=32, seed=5, tokenizer=tok,
-        train_valid_test_num_samples=[100, 10, 0], cache_dir=str(tmp_path / "cache"))
+        [prefix],
+        "80,20,0",
+        seq_length=32,
+        seed=5,
+        tokenizer=tok,
+        train_valid_test_num_samples=[100, 10, 0],
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert all(numpy.array_equal(train[i]["tokens"], again[i]["tokens"]) for i in range(20))
 
 
@@ -116,8 +128,14 @@ def test_weighted_blend(tmp_path):
     write_indexed_dataset(str(tmp_path / "b"), [d + [VOCAB] for d in b], VOCAB + 1)
     tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
     train, _, _ = build_train_valid_test_datasets(
-        [f"1 {tmp_path / 'a'} 3 {tmp_path / 'b'}"], "1", seq_length=16, seed=1, tokenizer=tok,
-        train_valid_test_num_samples=[200, 0, 0], cache_dir=str(tmp_path / "cache"))
+        [f"1 {tmp_path / 'a'} 3 {tmp_path / 'b'}"],
+        "1",
+        seq_length=16,
+        seed=1,
+        tokenizer=tok,
+        train_valid_test_num_samples=[200, 0, 0],
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert len(train) == 200
     docs_by_id = dict(enumerate(a)) | {50 + i: d for i, d in enumerate(b)}
     from_b = 0
@@ -134,24 +152,28 @@ def test_preprocessed_sentencepiece_dataset(tmp_path, stdlib_texts, sp_args):
     preprocess([path], str(tmp_path / "c"), sp_args, append_eod=True, workers=2)
     tok = build_tokenizer(**sp_args)
     train, valid, _ = build_train_valid_test_datasets(
-        [str(tmp_path / "c_text_document")], "90,10,0", seq_length=64, seed=3, tokenizer=tok,
-        train_valid_test_num_samples=[50, 5, 0], cache_dir=str(tmp_path / "cache"))
+        [str(tmp_path / "c_text_document")],
+        "90,10,0",
+        seq_length=64,
+        seed=3,
+        tokenizer=tok,
+        train_valid_test_num_samples=[50, 5, 0],
+        cache_dir=str(tmp_path / "cache"),
+    )
     docs = [numpy.array(tok.tokenize(t)) for t in texts]
     for i in range(len(train)):
         for seg in segments(train[i]["tokens"].tolist(), tok.eod):
             if len(seg) < 8:
                 continue  # short runs may occur by chance in several documents
-            hit = any(
-                numpy.array_equal(d[j : j + len(seg)], seg)
-                for d in docs for j in numpy.flatnonzero(d == seg[0])
-            )
+            hit = any(numpy.array_equal(d[j : j + len(seg)], seg) for d in docs for j in numpy.flatnonzero(d == seg[0]))
             assert hit, f"sample {i}: segment not found in any document"
 
 
 def test_mock_datasets():
     tok = build_tokenizer("NullTokenizer", vocab_size=1000)
     train, valid, test = build_train_valid_test_datasets(
-        None, "1,1,1", seq_length=16, seed=1, tokenizer=tok, train_valid_test_num_samples=[8, 4, 4], mock=True)
+        None, "1,1,1", seq_length=16, seed=1, tokenizer=tok, train_valid_test_num_samples=[8, 4, 4], mock=True
+    )
     assert len(train) >= 8 and train[0]["tokens"].shape == (16,)
 
 
@@ -161,8 +183,15 @@ def _build_on_two_ranks(rank, world_size, prefix, cache_dir, only_rank0):
     dist.init_process_group("gloo")
     tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
     train, _, _ = build_train_valid_test_datasets(
-        [prefix], "1", seq_length=16, seed=2, tokenizer=tok, train_valid_test_num_samples=[30, 0, 0],
-        cache_dir=cache_dir, is_built_on_rank=(lambda: dist.get_rank() == 0) if only_rank0 else None)
+        [prefix],
+        "1",
+        seq_length=16,
+        seed=2,
+        tokenizer=tok,
+        train_valid_test_num_samples=[30, 0, 0],
+        cache_dir=cache_dir,
+        is_built_on_rank=(lambda: dist.get_rank() == 0) if only_rank0 else None,
+    )
     return None if train is None else [train[i]["tokens"].tolist() for i in range(5)]
 
 

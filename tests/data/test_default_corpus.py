@@ -21,7 +21,8 @@ def test_prepare_default_corpus_is_idempotent(tmp_path):
     assert prepare_default_corpus(str(tmp_path), **kw)["num_tokens"] == m["num_tokens"]
     assert "reusing" in log.getvalue()
     assert {f: os.stat(tmp_path / f).st_mtime_ns for f in stamps if f != "manifest.json"} == {
-        f: t for f, t in stamps.items() if f != "manifest.json"}
+        f: t for f, t in stamps.items() if f != "manifest.json"
+    }
     # a truncated .bin is detected and rebuilt
     with open(m["data_prefix"] + ".bin", "r+b") as f:
         f.truncate(10)

@@ -84,7 +84,15 @@ def test_several_json_keys(tmp_path, sp_args):
     assert stats.num_empty == {"a": 0, "b": 1}
 
 
-MALFORMED = [{"text": "a = 1\n"}, "", '{"text": "b = 2\\n"', "[1, 2]", '{"other": "c"}', '{"text": 5}', {"text": "d = 4\n"}]
+MALFORMED = [
+    {"text": "a = 1\n"},
+    "",
+    '{"text": "b = 2\\n"',
+    "[1, 2]",
+    '{"other": "c"}',
+    '{"text": 5}',
+    {"text": "d = 4\n"},
+]
 
 
 def test_malformed_fail_reports_file_and_line(tmp_path, sp_args):
@@ -140,16 +148,24 @@ def test_errors_before_any_work(tmp_path, sp_args):
         preprocess([str(tmp_path / "*.jsonl")], str(tmp_path / "o"), sp_args)
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     with pytest.raises(FileNotFoundError, match="missing.model"):
-        preprocess([path], str(tmp_path / "o"), {"tokenizer_type": "SentencePieceTokenizer",
-                                                 "tokenizer_model": str(tmp_path / "missing.model")})
+        preprocess(
+            [path],
+            str(tmp_path / "o"),
+            {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": str(tmp_path / "missing.model")},
+        )
     with pytest.raises(FileNotFoundError, match="output directory"):
         preprocess([path], str(tmp_path / "nodir" / "o"), sp_args)
 
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_cli(tmp_path, corpus, sp_model):
@@ -157,8 +173,18 @@ def test_cli(tmp_path, corpus, sp_model):
     tok_flags = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model]
     r = run_cli("--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o"), *tok_flags)
     assert r.returncode == 2 and "missing.jsonl" in r.stderr
-    r = run_cli("--input", path, "--output-prefix", str(tmp_path / "o"), *tok_flags,
-                "--workers", "2", "--append-eod", "--log-interval", "10")
+    r = run_cli(
+        "--input",
+        path,
+        "--output-prefix",
+        str(tmp_path / "o"),
+        *tok_flags,
+        "--workers",
+        "2",
+        "--append-eod",
+        "--log-interval",
+        "10",
+    )
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr and "docs/s" in r.stderr
     assert f"{len(texts) - 1} documents" in r.stdout

@@ -10,7 +10,7 @@ TRICKY = [
     "",
     "\n",
     "   leading and trailing   \n\n",
-    "x = 1\r\n\ty = '\u2603 \U0001F600 \u00e9\u0301'\n",
+    "x = 1\r\n\ty = '\u2603 \U0001f600 \u00e9\u0301'\n",
     "no newline at end",
     "\x00\x07 control chars \x1b[0m\n",
 ]
@@ -114,8 +114,11 @@ def test_gpt2_bpe_from_local_files(byte_level_bpe, stdlib_texts):
     with pytest.raises(ValueError, match="cannot load vocab"):
         build_tokenizer("GPT2BPETokenizer", vocab_file=str(bad), merge_file=str(byte_level_bpe / "merges.txt"))
     with pytest.raises(FileNotFoundError, match="merges.txt"):
-        build_tokenizer("GPT2BPETokenizer", vocab_file=str(byte_level_bpe / "vocab.json"),
-                        merge_file=str(byte_level_bpe / "nope.txt"))
+        build_tokenizer(
+            "GPT2BPETokenizer",
+            vocab_file=str(byte_level_bpe / "vocab.json"),
+            merge_file=str(byte_level_bpe / "nope.txt"),
+        )
 
 
 def test_huggingface_tokenizer_from_local_dir_and_file(byte_level_bpe, tmp_path, stdlib_texts):

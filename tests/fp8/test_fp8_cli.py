@@ -10,12 +10,48 @@ def test_checkpoints_move_between_fp8_and_bf16(tmp_path):
     a, b, c = (str(tmp_path / n) for n in ("fp8_ckpt", "bf16_ckpt", "fp8_again_ckpt"))
     ma, mb, mc = (str(tmp_path / f"{n}.jsonl") for n in "abc")
     tiny = [*TINY, "--lr-decay-iters", "8"]  # one LR schedule across the three runs
-    out = check(run([*tiny, "--bf16", "--fp8-format", "hybrid", "--tensor-model-parallel-size", "2",
-                     "--sequence-parallel", "--train-iters", "4", "--save", a, "--metrics-file", ma])).stdout
+    out = check(
+        run(
+            [
+                *tiny,
+                "--bf16",
+                "--fp8-format",
+                "hybrid",
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+                "--train-iters",
+                "4",
+                "--save",
+                a,
+                "--metrics-file",
+                ma,
+            ]
+        )
+    ).stdout
     assert "precision: FP8 hybrid (tensorwise scaling" in out
     check(run([*tiny, "--bf16", "--train-iters", "6", "--load", a, "--save", b, "--metrics-file", mb], nproc=1))
-    check(run([*tiny, "--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "rowwise", "--train-iters", "8",
-               "--load", b, "--save", c, "--metrics-file", mc], nproc=1))
+    check(
+        run(
+            [
+                *tiny,
+                "--bf16",
+                "--fp8-format",
+                "e4m3",
+                "--fp8-recipe",
+                "rowwise",
+                "--train-iters",
+                "8",
+                "--load",
+                b,
+                "--save",
+                c,
+                "--metrics-file",
+                mc,
+            ],
+            nproc=1,
+        )
+    )
     la, lb, lc = losses(ma), losses(mb), losses(mc)
     assert sorted(la) == [1, 2, 3, 4] and sorted(lb) == [5, 6] and sorted(lc) == [7, 8]
     # each run continues where the previous one stopped (a fresh model would start near la[1])

@@ -20,8 +20,12 @@ from megatron_sv.scale_vectors import training_hooks
 from megatron_sv.scale_vectors.config import strategy_config
 from megatron_sv.scale_vectors.linears import ScaledColumnParallelLinear
 
-RECIPES = [FP8Recipe("e4m3", "tensorwise"), FP8Recipe("hybrid", "tensorwise"), FP8Recipe("e4m3", "rowwise"),
-           FP8Recipe("hybrid", "rowwise")]
+RECIPES = [
+    FP8Recipe("e4m3", "tensorwise"),
+    FP8Recipe("hybrid", "tensorwise"),
+    FP8Recipe("e4m3", "rowwise"),
+    FP8Recipe("hybrid", "rowwise"),
+]
 H, NH, NG = 64, 4, 2  # kv_channels 16: every fused size is a multiple of 16
 # Normwise relative error bounds. One e4m3 cast has a relative rounding error <= 2^-4 (uniform, RMS
 # 2^-4/sqrt(3) = 3.6%); a product of two casts about sqrt(2) of that, 5.1% worst RMS; e5m2 has one mantissa
@@ -34,8 +38,9 @@ def rel(a, b) -> float:
 
 
 def _config():
-    return transformer_config(GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG,
-                                       vocab_size=32, seq_length=8))
+    return transformer_config(
+        GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG, vocab_size=32, seq_length=8)
+    )
 
 
 def _emulated_linear(x2, w, g2, recipe):
@@ -49,7 +54,11 @@ def _emulated_linear(x2, w, g2, recipe):
 
 
 def _pair(cls, ref_cls, recipe, in_f, out_f, cfg):
-    kw = dict(gather_output=False) if ref_cls is ColumnParallelLinear else dict(input_is_parallel=True, skip_bias_add=True)
+    kw = (
+        dict(gather_output=False)
+        if ref_cls is ColumnParallelLinear
+        else dict(input_is_parallel=True, skip_bias_add=True)
+    )
     torch.manual_seed(0)
     fp8 = cls(in_f, out_f, config=cfg, init_method=cfg.init_method, bias=False, fp8=recipe, **kw)
     ref = ref_cls(in_f, out_f, config=cfg, init_method=cfg.init_method, bias=False, **kw)
@@ -64,8 +73,7 @@ def test_scaled_mm_is_the_product_of_dequantized_operands(recipe):
     qa = quantize(a, recipe.grad_dtype, recipe.rowwise)
     qb = quantize(b, recipe.forward_dtype, recipe.rowwise).t()
     out = scaled_mm(qa, qb, torch.float32)
-    torch.testing.assert_close(out.double(), qa.dequantize().double() @ qb.dequantize().double(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), qa.dequantize().double() @ qb.dequantize().double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -86,8 +94,11 @@ def test_fp8_linear_forward_and_gradients(megatron_single_rank, recipe, kind):
     """Exact against the emulation; within FP8 error of the fp32 layer (and not bf16-exact: FP8 is used).
     Tokens 7 x 3 = 21 are not a multiple of 16: the wgrad contraction is padded."""
     cfg = _config()
-    cls, ref_cls = ((FP8ColumnParallelLinear, ColumnParallelLinear) if kind == "column"
-                    else (FP8RowParallelLinear, RowParallelLinear))
+    cls, ref_cls = (
+        (FP8ColumnParallelLinear, ColumnParallelLinear)
+        if kind == "column"
+        else (FP8RowParallelLinear, RowParallelLinear)
+    )
     fp8, ref = _pair(cls, ref_cls, recipe, H, 48, cfg)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(7, 3, H, generator=gen, requires_grad=True)
@@ -114,8 +125,7 @@ def _scaled_pair(strategy, layout, recipe):
     # the OR magnitude's gradient is a cancelling sum whose relative error says nothing about FP8
     sv = strategy_config(strategy, reparam="none")
     out = (NH + 2 * NG) * (H // NH) if layout == "qkv" else 2 * 96
-    common = dict(config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, sv=sv,
-                  branch_layout=layout)
+    common = dict(config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, sv=sv, branch_layout=layout)
     torch.manual_seed(0)
     fp8 = FP8ScaledColumnParallelLinear(H, out, fp8=recipe, **common)
     ref = ScaledColumnParallelLinear(H, out, **common)
@@ -134,8 +144,9 @@ def _run_micro_batches(layer, xs, dys):
 
 
 @pytest.mark.parametrize("recipe", [RECIPES[1], RECIPES[3]], ids=lambda r: f"{r.format}-{r.scaling}")
-@pytest.mark.parametrize("strategy,layout", [("hg", "qkv"), ("dp", "gated_fc1"), ("unified", "qkv"),
-                                             ("unified", "gated_fc1")])
+@pytest.mark.parametrize(
+    "strategy,layout", [("hg", "qkv"), ("dp", "gated_fc1"), ("unified", "qkv"), ("unified", "gated_fc1")]
+)
 def test_scale_vectors_ride_on_fp8_within_fp8_error(megatron_single_rank, strategy, layout, recipe):
     """Two micro-batches, then the step's chain rule: output, input, weight and every vector gradient
     within FP8 error of the fp32 layer; the same bound rejects the FP8 layer against a reference whose u
@@ -216,11 +227,20 @@ def test_scaled_fp8_refolds_after_the_step(megatron_single_rank):
 def test_shapes_not_divisible_by_16_are_refused(megatron_single_rank):
     cfg = _config()
     with pytest.raises(FP8Unsupported, match="divisible by 16.*output_features 40"):
-        FP8ColumnParallelLinear(H, 40, config=cfg, init_method=cfg.init_method, bias=False, gather_output=False,
-                                fp8=FP8Recipe())
+        FP8ColumnParallelLinear(
+            H, 40, config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, fp8=FP8Recipe()
+        )
     with pytest.raises(FP8Unsupported, match="input_features 24"):
-        FP8RowParallelLinear(24, H, config=cfg, init_method=cfg.init_method, bias=False, input_is_parallel=True,
-                             skip_bias_add=True, fp8=FP8Recipe())
+        FP8RowParallelLinear(
+            24,
+            H,
+            config=cfg,
+            init_method=cfg.init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            fp8=FP8Recipe(),
+        )
 
 
 def test_gpus_without_fp8_are_refused():

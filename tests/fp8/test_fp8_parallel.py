@@ -34,8 +34,10 @@ LAYOUTS = {
 }
 # Dynamic scales come from each micro-batch's amax, so an FP8 run depends on how a step is split into
 # micro-batches (not on the parallel layout): each layout is compared with TP1 at its own micro-batching.
-REFERENCES = {"tp2_sp": dict(parallel={}, micro_batch_size=2, num_microbatches=1),
-              "pp2": dict(parallel={}, micro_batch_size=1, num_microbatches=2)}
+REFERENCES = {
+    "tp2_sp": dict(parallel={}, micro_batch_size=2, num_microbatches=1),
+    "pp2": dict(parallel={}, micro_batch_size=1, num_microbatches=2),
+}
 
 
 def build_fp8_model(parallel, strategy: str, fmt: str, scaling: str, fp8: bool = True, moe: bool = False):
@@ -44,11 +46,22 @@ def build_fp8_model(parallel, strategy: str, fmt: str, scaling: str, fp8: bool =
     from megatron_sv.scale_vectors.config import strategy_config
 
     # kv_channels 16, ffn 64: every linear's per-rank sizes are multiples of 16 at TP2
-    shape = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB,
-                     seq_length=SEQ, ffn_hidden_size=64, num_experts=4 if moe else None, moe_router_topk=2)
-    layout = ParallelLayout(tensor_model_parallel_size=parallel.get("tp", 1),
-                            pipeline_model_parallel_size=parallel.get("pp", 1),
-                            sequence_parallel=parallel.get("sp", False))
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        ffn_hidden_size=64,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+    )
+    layout = ParallelLayout(
+        tensor_model_parallel_size=parallel.get("tp", 1),
+        pipeline_model_parallel_size=parallel.get("pp", 1),
+        sequence_parallel=parallel.get("sp", False),
+    )
     config = transformer_config(shape, layout)
     recipe = FP8Recipe(fmt, scaling) if fp8 else None
     return config, build_gpt_model(shape, strategy_config(strategy), config, init_seed=42, fp8=recipe)
@@ -72,10 +85,15 @@ def _job(rank, world_size, runs):
     for key, (strategy, fmt, scaling), kwargs in runs:
         kwargs = dict(kwargs)
         parallel = kwargs.pop("parallel")
-        res = train_steps(parallel, build_model=functools.partial(build_fp8_model, strategy=strategy, fmt=fmt,
-                                                                  scaling=scaling),
-                          collect_grads=_replicated_vector, steps=2, keep_process_group=True,
-                          optimizer_overrides=functools.partial(_overrides, strategy), **kwargs)
+        res = train_steps(
+            parallel,
+            build_model=functools.partial(build_fp8_model, strategy=strategy, fmt=fmt, scaling=scaling),
+            collect_grads=_replicated_vector,
+            steps=2,
+            keep_process_group=True,
+            optimizer_overrides=functools.partial(_overrides, strategy),
+            **kwargs,
+        )
         out[key] = {"losses": res["losses"], "grads": res["grads"], "grad_norms": res["grad_norms"]}
     destroy_distributed()
     return out
@@ -109,5 +127,4 @@ def test_fp8_layouts_match_tp1(fp8_results, layout, case):
             grads = per_rank[rank][(layout, case)]["grads"]
             assert grads.keys() == want["grads"].keys()
             for name, g in grads.items():
-                torch.testing.assert_close(g, want["grads"][name], rtol=1e-4, atol=1e-6,
-                                           msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(g, want["grads"][name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

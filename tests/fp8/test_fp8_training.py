@@ -22,10 +22,14 @@ from tests.helpers.parity import SEQ, VOCAB, train_steps
 STEPS = 60
 BAND = 0.15  # nats, on 10-step moving averages
 RUNS = [  # strategy, fp8 format, fp8 recipe, MoE
-    ("standard", "hybrid", "tensorwise", False), ("hg", "e4m3", "rowwise", False),
-    ("dp", "hybrid", "rowwise", False), ("dnp", "hybrid", "tensorwise", False),
-    ("or", "e4m3", "tensorwise", False), ("er", "hybrid", "rowwise", False),
-    ("iwd", "hybrid", "tensorwise", False), ("unified", "hybrid", "rowwise", False),
+    ("standard", "hybrid", "tensorwise", False),
+    ("hg", "e4m3", "rowwise", False),
+    ("dp", "hybrid", "rowwise", False),
+    ("dnp", "hybrid", "tensorwise", False),
+    ("or", "e4m3", "tensorwise", False),
+    ("er", "hybrid", "rowwise", False),
+    ("iwd", "hybrid", "tensorwise", False),
+    ("unified", "hybrid", "rowwise", False),
     ("unified", "hybrid", "tensorwise", True),
 ]
 
@@ -46,11 +50,20 @@ def build(parallel, strategy, fmt, scaling, moe, fp8):
     from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=VOCAB, seq_length=SEQ,
-                     ffn_hidden_size=32, num_experts=4 if moe else None, moe_router_topk=2)
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        ffn_hidden_size=32,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+    )
     config = transformer_config(shape, ParallelLayout(bf16=True))
-    return config, build_gpt_model(shape, strategy_config(strategy), config, init_seed=11,
-                                   fp8=FP8Recipe(fmt, scaling) if fp8 else None)
+    return config, build_gpt_model(
+        shape, strategy_config(strategy), config, init_seed=11, fp8=FP8Recipe(fmt, scaling) if fp8 else None
+    )
 
 
 def _overrides(strategy):
@@ -66,10 +79,16 @@ def _job(rank, world_size, runs):
     out = {}
     for strategy, fmt, scaling, moe in runs:
         for fp8 in (False, True):
-            res = train_steps({}, build_model=functools.partial(build, strategy=strategy, fmt=fmt, scaling=scaling,
-                                                                moe=moe, fp8=fp8),
-                              steps=STEPS, micro_batch_size=8, bf16=True, tokens=affine_tokens,
-                              keep_process_group=True, optimizer_overrides=functools.partial(_overrides, strategy))
+            res = train_steps(
+                {},
+                build_model=functools.partial(build, strategy=strategy, fmt=fmt, scaling=scaling, moe=moe, fp8=fp8),
+                steps=STEPS,
+                micro_batch_size=8,
+                bf16=True,
+                tokens=affine_tokens,
+                keep_process_group=True,
+                optimizer_overrides=functools.partial(_overrides, strategy),
+            )
             out[(strategy, moe, fp8)] = res["losses"]
     destroy_distributed()
     return out
@@ -82,7 +101,7 @@ def curves():
 
 def _smooth(xs, k=10):
     t = torch.tensor(xs)
-    return torch.stack([t[max(0, i - k + 1):i + 1].mean() for i in range(len(xs))])
+    return torch.stack([t[max(0, i - k + 1) : i + 1].mean() for i in range(len(xs))])
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}" + ("-moe" if r[3] else ""))

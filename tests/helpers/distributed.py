@@ -35,7 +35,9 @@ def find_free_port() -> int:
 def _worker(fn, rank, world_size, args, env, queue):
     os.environ.update(env)
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
@@ -106,10 +108,7 @@ def run_distributed(
                 else:
                     failures[rank] = payload
                 continue
-            dead = [
-                r for r, p in enumerate(procs)
-                if not p.is_alive() and r not in results and r not in failures
-            ]
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in failures]
             if dead and queue.empty():
                 time.sleep(0.5)  # let a last message arrive
                 if queue.empty():
@@ -142,8 +141,5 @@ def run_distributed(
         missing = [r for r in range(world_size) if r not in results and r not in failures]
         if missing:
             parts.append(f"(ranks {missing} were killed while still running)")
-        raise DistributedTestError(
-            f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(parts)
-        )
+        raise DistributedTestError(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(parts))
     return [results[r] for r in range(world_size)]
-

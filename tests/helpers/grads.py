@@ -27,8 +27,9 @@ def gather_reduced_grad_shards(ddp_model) -> None:
         rank = group.intra_distributed_optimizer_instance_rank
         for bucket in group.buckets:
             local = shard_buffer(bucket.grad_data, size)[rank].clone()
-            torch.distributed.all_gather_into_tensor(bucket.grad_data, local,
-                                                     group=group.intra_distributed_optimizer_instance_group)
+            torch.distributed.all_gather_into_tensor(
+                bucket.grad_data, local, group=group.intra_distributed_optimizer_instance_group
+            )
 
 
 def _local_pieces(module) -> List[Tuple[str, Tuple[int, ...], Tuple[int, ...], torch.Tensor]]:
@@ -71,7 +72,8 @@ def full_gradients(module) -> Dict[str, torch.Tensor]:
         target = views[key]
         prepend = target.dim() - grad.dim()  # stacked axes (e.g. experts) precede the tensor's own
         index = tuple(slice(o, o + 1) for o in offset[:prepend]) + tuple(
-            slice(o, o + n) for o, n in zip(offset[prepend:], grad.shape))
+            slice(o, o + n) for o, n in zip(offset[prepend:], grad.shape)
+        )
         target[index] += grad.float().cpu().reshape(target[index].shape)
     torch.distributed.all_reduce(flat)  # each element was written by exactly one main replica
     return {k: views[k].clone() for k in keys}

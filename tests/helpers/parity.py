@@ -49,7 +49,7 @@ def full_main_grad(param, optimizer) -> torch.Tensor:
     if shard.group is None or torch.distributed.get_world_size(shard.group) == 1:
         return param.main_grad.detach().float().clone()
     full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-    full[shard.start:shard.end] = param.main_grad.detach().view(-1)[shard.start:shard.end]
+    full[shard.start : shard.end] = param.main_grad.detach().view(-1)[shard.start : shard.end]
     torch.distributed.all_reduce(full, group=shard.group)
     return full.view_as(param)
 
@@ -93,7 +93,8 @@ def train_steps(
     runs on the unwrapped model after training and its result is returned under "finish".
     ``collect_grads(name, param)`` selects the gradients to return. ``full_grads``: also return, under
     "full_grads", every parameter's reduced gradient after the first step's backward, gathered to its
-    global shape under its checkpoint key (tests.helpers.grads), comparable across layouts. ``keep_process_group``: tear down
+    global shape under its checkpoint key (tests.helpers.grads), comparable across layouts.
+    ``keep_process_group``: tear down
     only Megatron's parallel state afterwards, so one spawned job can run several layouts (re-creating
     the default gloo group in the same process can hang).
     ``bf16``: Megatron's Float16Module and mixed-precision (or distributed) optimizer with fp32 main_grad;
@@ -103,8 +104,7 @@ def train_steps(
     ``ddp_overrides``: extra DistributedDataParallelConfig fields (e.g. overlap_grad_reduce).
     ``step_hook(step, model, optimizer)`` runs before each step's forward.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -142,30 +142,46 @@ def train_steps(
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(config, model)
-        ddp_config = DistributedDataParallelConfig(**{
-            "grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
-            "use_distributed_optimizer": use_distributed_optimizer, **(ddp_overrides or {})})
+        ddp_config = DistributedDataParallelConfig(
+            **{
+                "grad_reduce_in_fp32": True,
+                "overlap_grad_reduce": False,
+                "use_distributed_optimizer": use_distributed_optimizer,
+                **(ddp_overrides or {}),
+            }
+        )
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         from megatron_sv.scale_vectors.training_hooks import after_parameters_changed, wrap_finalize
 
         config.finalize_model_grads_func = wrap_finalize(finalize_model_grads, [model])
         config.no_sync_func = model.no_sync
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=1e-2, min_lr=1e-2, weight_decay=0.01, adam_beta1=0.9,
-            adam_beta2=0.95, clip_grad=1.0, bf16=bf16, fp16=False,
+            optimizer="adam",
+            lr=1e-2,
+            min_lr=1e-2,
+            weight_decay=0.01,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            clip_grad=1.0,
+            bf16=bf16,
+            fp16=False,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=use_distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(
-            opt_config, [model],
-            config_overrides=optimizer_overrides() if optimizer_overrides is not None else None)
+            opt_config, [model], config_overrides=optimizer_overrides() if optimizer_overrides is not None else None
+        )
         for group in optimizer.param_groups:
             group["lr"] = opt_config.lr
         from megatron_sv.scale_vectors import training_hooks
         from megatron_sv.scale_vectors.step_fold import FoldPolicy
 
-        training_hooks.optimizer_ready([model], optimizer, fold_policy or FoldPolicy(
-            tokens_per_micro_batch=micro_batch_size * SEQ, micro_batches_per_step=num_microbatches))
+        training_hooks.optimizer_ready(
+            [model],
+            optimizer,
+            fold_policy
+            or FoldPolicy(tokens_per_micro_batch=micro_batch_size * SEQ, micro_batches_per_step=num_microbatches),
+        )
 
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
@@ -175,11 +191,14 @@ def train_steps(
         grads: Dict[str, torch.Tensor] = {}
         grad_norms: List[float] = []
         for step in range(steps):
-            data = (synthetic_tokens(per_rank * dp_size, seed=1000 + step) if tokens is None
-                    else tokens(per_rank * dp_size, step))
-            mine = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            data = (
+                synthetic_tokens(per_rank * dp_size, seed=1000 + step)
+                if tokens is None
+                else tokens(per_rank * dp_size, step)
+            )
+            mine = data[dp_rank * per_rank : (dp_rank + 1) * per_rank]
             batches = [
-                (mine[i:i + micro_batch_size, :-1].contiguous(), mine[i:i + micro_batch_size, 1:].contiguous())
+                (mine[i : i + micro_batch_size, :-1].contiguous(), mine[i : i + micro_batch_size, 1:].contiguous())
                 for i in range(0, per_rank, micro_batch_size)
             ]
             if step_hook is not None:

@@ -31,7 +31,7 @@ def _records(path: str) -> Iterator[object]:
             pos += left
             continue
         _, length, kind = CHUNK.unpack_from(data, pos)
-        chunk = data[pos + CHUNK.size:pos + CHUNK.size + length]
+        chunk = data[pos + CHUNK.size : pos + CHUNK.size + length]
         pos += CHUNK.size + length
         if kind == 0:
             continue

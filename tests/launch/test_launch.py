@@ -21,19 +21,28 @@ SCRIPT = os.path.join(ROOT, "examples", "pretrain_gpt_sv.sh")
 
 
 def _local_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))
+    }
     env.update(PYTHONPATH=ROOT, PYTHON=sys.executable, **extra)
     return env
 
 
 def test_bad_flag_through_the_script_ends_a_redirected_log_with_one_line_and_its_code(tmp_path):
     log = tmp_path / "run.log"
-    env = _local_env(DEVICE="cpu", DEFAULT_DATA_DIR=str(tmp_path / "data"), VOCAB="400",
-                     CORPUS_MAX_BYTES="100000", EXTRA_ARGS="--no-such-flag", SAVE_DIR=str(tmp_path / "run"),
-                     MASTER_PORT=str(find_free_port()))
+    env = _local_env(
+        DEVICE="cpu",
+        DEFAULT_DATA_DIR=str(tmp_path / "data"),
+        VOCAB="400",
+        CORPUS_MAX_BYTES="100000",
+        EXTRA_ARGS="--no-such-flag",
+        SAVE_DIR=str(tmp_path / "run"),
+        MASTER_PORT=str(find_free_port()),
+    )
     # the way users keep a log: the whole output redirected to one file
-    r = subprocess.run(["bash", "-c", f'bash {SCRIPT} > {log} 2>&1'], env=env, timeout=600)
+    r = subprocess.run(["bash", "-c", f"bash {SCRIPT} > {log} 2>&1"], env=env, timeout=600)
     data = log.read_bytes()
     assert b"\0" not in data  # `tee /dev/stderr` used to rewrite the redirected file from its start
     text = data.decode()
@@ -65,10 +74,26 @@ def test_a_signal_to_the_agent_during_start_up_reaches_every_rank(tmp_path, sig)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_sv.launch", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(find_free_port()), str(worker), str(tmp_path)],
-        cwd=ROOT, env=_local_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "megatron_sv.launch",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(find_free_port()),
+            str(worker),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=_local_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not all((tmp_path / f"started-{r}").exists() for r in (0, 1)):

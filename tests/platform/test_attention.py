@@ -96,7 +96,7 @@ def _tp2_attention(rank, world_size):
         attn = SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
         q, k, v = _qkv()
         # this rank's heads: query heads [2r, 2r+1], kv group [r]
-        out = attn(q[:, :, 2 * rank:2 * rank + 2], k[:, :, rank:rank + 1], v[:, :, rank:rank + 1], None)
+        out = attn(q[:, :, 2 * rank : 2 * rank + 2], k[:, :, rank : rank + 1], v[:, :, rank : rank + 1], None)
         return attn.num_heads_per_partition, out
     finally:
         destroy_distributed()

@@ -16,8 +16,7 @@ def test_read_launch_env_torchrun_and_slurm():
     )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 8, 1, "h0", 1234)
     env = distributed.read_launch_env(
-        {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-         "SLURM_JOB_NODELIST": "gpu-node[07-08,10]"}
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu-node[07-08,10]"}
     )
     assert (env.rank, env.world_size, env.local_rank) == (5, 16, 1)
     assert env.master_addr == "gpu-node07"  # scontrol absent here: parsed from the list

@@ -67,9 +67,7 @@ def test_tp2_matches_tp1(single_dense):
 
 
 def test_tp2_sequence_parallel_matches_tp1_and_norm_grads_agree(single_dense):
-    results = _run(
-        2, {"tp": 2}, config_overrides={"sequence_parallel": True}, collect_grads=_is_norm
-    )
+    results = _run(2, {"tp": 2}, config_overrides={"sequence_parallel": True}, collect_grads=_is_norm)
     for r in results:
         assert_losses_equal(r["losses"], single_dense["losses"])
     g0, g1 = results[0]["grads"], results[1]["grads"]
@@ -83,7 +81,8 @@ def test_tp2_sequence_parallel_matches_tp1_and_norm_grads_agree(single_dense):
 def test_missing_sequence_parallel_mark_is_caught():
     """The oracle above must fail when a norm weight is not marked: grads then differ per rank."""
     results = run_distributed(
-        _train_broken, world_size=2,
+        _train_broken,
+        world_size=2,
         args=({"tp": 2}, {"config_overrides": {"sequence_parallel": True}, "collect_grads": _is_norm, "steps": 1}),
     )
     g0, g1 = results[0]["grads"], results[1]["grads"]

@@ -54,9 +54,14 @@ def _train_and_save(rank, world_size, moe, parallel, run_kwargs, root):
 
     out = {}
     for strategy in STRATEGIES:  # one spawned job for all strategies (start-up dominates)
-        res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
-                          steps=2, finish=functools.partial(_save_and_logits, path=f"{root}/{strategy}"),
-                          keep_process_group=True, **run_kwargs)
+        res = train_steps(
+            parallel,
+            build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
+            steps=2,
+            finish=functools.partial(_save_and_logits, path=f"{root}/{strategy}"),
+            keep_process_group=True,
+            **run_kwargs,
+        )
         out[strategy] = res["finish"]
     destroy_distributed()
     return out

@@ -57,13 +57,15 @@ def kernels(monkeypatch, request):
 
 
 # LayerNorm runs the same kernel bodies; checking it eagerly only saves compile time.
-@pytest.mark.parametrize("kernels,kind", [("eager", "RMSNorm"), ("eager", "LayerNorm"), ("compiled", "RMSNorm")],
-                         indirect=["kernels"])
+@pytest.mark.parametrize(
+    "kernels,kind", [("eager", "RMSNorm"), ("eager", "LayerNorm"), ("compiled", "RMSNorm")], indirect=["kernels"]
+)
 def test_norm_swiglu_equals_definition_fp32(kernels, kind):
     x, ug, uu, gy = _inputs(torch.float32)
     got = _value_and_grads(lambda a, b, c: norm_swiglu(a, b, c, kind, EPS), x, ug, uu, gy)
-    want = _value_and_grads(lambda a, b, c: reference_norm_swiglu(a, b, c, kind), *(
-        t.double() for t in (x, ug, uu, gy)))
+    want = _value_and_grads(
+        lambda a, b, c: reference_norm_swiglu(a, b, c, kind), *(t.double() for t in (x, ug, uu, gy))
+    )
     _assert_all_close(got, want, rtol=2e-5, atol=1e-6)
 
 
@@ -74,9 +76,10 @@ def test_norm_swiglu_bf16_within_one_rounding(kernels):
     fp32 accumulation. (The unfused path rounds N*u to bf16 before SwiGLU and is further off.)"""
     x, ug, uu, gy = _inputs(torch.bfloat16, rows=16)
     got = _value_and_grads(lambda a, b, c: norm_swiglu(a, b, c, "RMSNorm", EPS), x, ug, uu, gy)
-    want = _value_and_grads(lambda a, b, c: reference_norm_swiglu(a, b, c, "RMSNorm"),
-                            *(t.double() for t in (x, ug, uu, gy)))
-    _assert_all_close(got, want, rtol=2 ** -7, atol=1e-4)
+    want = _value_and_grads(
+        lambda a, b, c: reference_norm_swiglu(a, b, c, "RMSNorm"), *(t.double() for t in (x, ug, uu, gy))
+    )
+    _assert_all_close(got, want, rtol=2**-7, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernels", ["eager", "compiled"], indirect=True)
@@ -85,7 +88,8 @@ def test_per_head_inner_norm_equals_definition(kernels):
     g = torch.Generator().manual_seed(3)
     rows, groups, slots, hn = 5, 2, 4, 8  # 2 q heads + k + v per query group
     x = torch.randn(rows, groups, slots, hn, generator=g) * 10.0 ** torch.empty(rows, 1, 1, 1).uniform_(
-        -2.0, 1.0, generator=g)
+        -2.0, 1.0, generator=g
+    )
     u = 0.5 + torch.rand(groups, slots, hn, generator=g)
     active = torch.tensor([True, True, True, False]).view(slots, 1)
     gz = torch.randn(rows, groups, slots, hn, generator=g)
@@ -116,9 +120,13 @@ def _tp2_job(rank, world_size, cases):
         x, ug, uu, gy = _inputs(dtype)
         local_x = torch.cat([x[:, :F_WIDTH][:, cols], x[:, F_WIDTH:][:, cols]], dim=-1)
         group = dist.group.WORLD if use_group else None
-        got = _value_and_grads(lambda a, b, c: norm_swiglu(a, b, c, "RMSNorm", eps, full_width=F_WIDTH,
-                                                           group=group),
-                               local_x, ug[cols], uu[cols], gy[:, cols])
+        got = _value_and_grads(
+            lambda a, b, c: norm_swiglu(a, b, c, "RMSNorm", eps, full_width=F_WIDTH, group=group),
+            local_x,
+            ug[cols],
+            uu[cols],
+            gy[:, cols],
+        )
         out[key] = [t.clone() for t in got]
     return out
 
@@ -127,18 +135,21 @@ def _tp2_reference(rank, dtype, world_size=2):
     f = F_WIDTH // world_size
     cols = slice(rank * f, (rank + 1) * f)
     x, ug, uu, gy = _inputs(dtype)
-    y, dx, dug, duu = _value_and_grads(lambda a, b, c: reference_norm_swiglu(a, b, c, "RMSNorm"),
-                                       *(t.double() for t in (x, ug, uu, gy)))
+    y, dx, dug, duu = _value_and_grads(
+        lambda a, b, c: reference_norm_swiglu(a, b, c, "RMSNorm"), *(t.double() for t in (x, ug, uu, gy))
+    )
     return [y[:, cols], torch.cat([dx[:, :F_WIDTH][:, cols], dx[:, F_WIDTH:][:, cols]], -1), dug[cols], duu[cols]]
 
 
 @pytest.fixture(scope="module")
 def tp2_results():
-    cases = [("eager", "eager", torch.float32, True, EPS),
-             ("compiled", "compiled", torch.float32, True, EPS),
-             ("eager_bf16", "eager", torch.bfloat16, True, EPS),  # compiled bf16: see the TP1 test
-             ("no_all_reduce", "eager", torch.float32, False, EPS),  # planted bug: local statistics only
-             ("wrong_eps", "eager", torch.float32, True, 1e-6)]  # planted bug
+    cases = [
+        ("eager", "eager", torch.float32, True, EPS),
+        ("compiled", "compiled", torch.float32, True, EPS),
+        ("eager_bf16", "eager", torch.bfloat16, True, EPS),  # compiled bf16: see the TP1 test
+        ("no_all_reduce", "eager", torch.float32, False, EPS),  # planted bug: local statistics only
+        ("wrong_eps", "eager", torch.float32, True, 1e-6),
+    ]  # planted bug
     return run_distributed(_tp2_job, world_size=2, args=(cases,), timeout=600)
 
 
@@ -150,7 +161,7 @@ def test_norm_swiglu_tp2_equals_full_width_definition(tp2_results, key):
 
 def test_norm_swiglu_tp2_bf16_within_one_rounding(tp2_results):
     for rank, res in enumerate(tp2_results):
-        _assert_all_close(res["eager_bf16"], _tp2_reference(rank, torch.bfloat16), rtol=2 ** -7, atol=1e-4)
+        _assert_all_close(res["eager_bf16"], _tp2_reference(rank, torch.bfloat16), rtol=2**-7, atol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["no_all_reduce", "wrong_eps"])
@@ -166,8 +177,15 @@ def _dnp_model_loss_and_grads(fused: bool):
     from megatron_sv.scale_vectors.config import strategy_config
     from megatron_sv.scale_vectors.mlp import InnerNormSwiGLUMLP
 
-    shape = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
-                     seq_length=8, ffn_hidden_size=48)
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=64,
+        seq_length=8,
+        ffn_hidden_size=48,
+    )
     torch.manual_seed(0)
     model = build_gpt_model(shape, strategy_config("unified"), transformer_config(shape), init_seed=7)
     mlps = [m for m in model.modules() if isinstance(m, InnerNormSwiGLUMLP)]
@@ -193,8 +211,9 @@ def test_fused_mlp_model_equals_unfused(megatron_single_rank, kernels):
     torch.testing.assert_close(loss_f, loss_u, rtol=1e-6, atol=1e-6)
     assert grads_f.keys() == grads_u.keys()
     for name in grads_u:
-        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_bad_kernel_mode_is_refused(monkeypatch):

@@ -45,12 +45,27 @@ def _qkv_reference(layer, x, placement, kind="RMSNorm"):
 @pytest.mark.parametrize("strategy", ["hg", "dp", "dnp", "unified"])
 def test_qkv_fold_equals_unfolded_reference(megatron_single_rank, strategy, kind):
     sv = strategy_config(strategy)
-    shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG,
-                     vocab_size=32, seq_length=8, normalization=kind)
+    shape = GPTShape(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=NH,
+        num_query_groups=NG,
+        vocab_size=32,
+        seq_length=8,
+        normalization=kind,
+    )
     cfg = transformer_config(shape)
     torch.manual_seed(0)
-    layer = ScaledColumnParallelLinear(H, (NH + 2 * NG) * HN, config=cfg, init_method=cfg.init_method,
-                                       bias=False, gather_output=False, sv=sv, branch_layout="qkv")
+    layer = ScaledColumnParallelLinear(
+        H,
+        (NH + 2 * NG) * HN,
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        gather_output=False,
+        sv=sv,
+        branch_layout="qkv",
+    )
     gen = torch.Generator().manual_seed(3)
     _randomize_vectors(layer, gen)
     x = torch.randn(5, 2, H, generator=gen)
@@ -68,11 +83,20 @@ def test_qkv_fold_equals_unfolded_reference(megatron_single_rank, strategy, kind
 
 def test_gated_fc1_dnp_normalizes_whole_width(megatron_single_rank):
     sv = strategy_config("dnp")
-    shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, vocab_size=32, seq_length=8,
-                     ffn_hidden_size=12)
+    shape = GPTShape(
+        num_layers=1, hidden_size=H, num_attention_heads=NH, vocab_size=32, seq_length=8, ffn_hidden_size=12
+    )
     cfg = transformer_config(shape)
-    layer = ScaledColumnParallelLinear(H, 24, config=cfg, init_method=cfg.init_method, bias=False,
-                                       gather_output=False, sv=sv, branch_layout="gated_fc1")
+    layer = ScaledColumnParallelLinear(
+        H,
+        24,
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        gather_output=False,
+        sv=sv,
+        branch_layout="gated_fc1",
+    )
     gen = torch.Generator().manual_seed(5)
     _randomize_vectors(layer, gen)
     x = torch.randn(3, 2, H, generator=gen)
@@ -89,8 +113,15 @@ def test_qkv_needs_divisible_query_groups(megatron_single_rank):
     shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, vocab_size=32, seq_length=8)
     cfg = transformer_config(shape)
     with pytest.raises(ValueError, match="unknown branch layout"):
-        ScaledColumnParallelLinear(H, 3 * H, config=cfg, init_method=cfg.init_method, bias=False,
-                                   sv=strategy_config("hg"), branch_layout="qkvo")
+        ScaledColumnParallelLinear(
+            H,
+            3 * H,
+            config=cfg,
+            init_method=cfg.init_method,
+            bias=False,
+            sv=strategy_config("hg"),
+            branch_layout="qkvo",
+        )
 
 
 @pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
@@ -131,13 +162,36 @@ def test_input_vectors_before_inner_norms_are_direction_only(megatron_single_ran
     """Under DNP, q/k/gate/up's input-side vectors feed the inner norm: no magnitude parameter (v keeps one,
     output-side vectors too)."""
     sv = strategy_config(strategy)
-    shape = GPTShape(num_layers=1, hidden_size=H, num_attention_heads=NH, num_query_groups=NG, vocab_size=32,
-                     seq_length=8, ffn_hidden_size=12)
+    shape = GPTShape(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=NH,
+        num_query_groups=NG,
+        vocab_size=32,
+        seq_length=8,
+        ffn_hidden_size=12,
+    )
     cfg = transformer_config(shape)
-    qkv = ScaledColumnParallelLinear(H, (NH + 2 * NG) * HN, config=cfg, init_method=cfg.init_method, bias=False,
-                                     gather_output=False, sv=sv, branch_layout="qkv")
-    fc1 = ScaledColumnParallelLinear(H, 24, config=cfg, init_method=cfg.init_method, bias=False,
-                                     gather_output=False, sv=sv, branch_layout="gated_fc1")
+    qkv = ScaledColumnParallelLinear(
+        H,
+        (NH + 2 * NG) * HN,
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        gather_output=False,
+        sv=sv,
+        branch_layout="qkv",
+    )
+    fc1 = ScaledColumnParallelLinear(
+        H,
+        24,
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        gather_output=False,
+        sv=sv,
+        branch_layout="gated_fc1",
+    )
     names = {n for m in (qkv, fc1) for n, _ in m.named_parameters()}
     if magnitude is None:  # plain vectors: nothing to drop
         assert {"input_scales.q.weight", "input_scales.gate.weight"} <= names

@@ -8,10 +8,26 @@ from megatron_sv.models.gpt.model import GPTShape, build_gpt_model, transformer_
 from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
 from megatron_sv.scale_vectors.stats import parameter_report, scale_vector_statistics
 
-DENSE = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
-                 seq_length=8, ffn_hidden_size=48)
-MOE = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
-               seq_length=8, ffn_hidden_size=48, num_experts=4, moe_router_topk=2)
+DENSE = GPTShape(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=64,
+    seq_length=8,
+    ffn_hidden_size=48,
+)
+MOE = GPTShape(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=64,
+    seq_length=8,
+    ffn_hidden_size=48,
+    num_experts=4,
+    moe_router_topk=2,
+)
 TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 POS = torch.arange(8)[None].expand(2, 8)
 

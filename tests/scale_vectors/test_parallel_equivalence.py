@@ -35,12 +35,23 @@ def build_sv_model(parallel, strategy: str, moe: bool = False, seed: int = 42, f
     from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB,
-                     seq_length=SEQ, ffn_hidden_size=48, num_experts=4 if moe else None, moe_router_topk=2)
-    layout = ParallelLayout(tensor_model_parallel_size=parallel.get("tp", 1),
-                            pipeline_model_parallel_size=parallel.get("pp", 1),
-                            sequence_parallel=parallel.get("sp", False),
-                            expert_model_parallel_size=parallel.get("ep", 1))
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        ffn_hidden_size=48,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+    )
+    layout = ParallelLayout(
+        tensor_model_parallel_size=parallel.get("tp", 1),
+        pipeline_model_parallel_size=parallel.get("pp", 1),
+        sequence_parallel=parallel.get("sp", False),
+        expert_model_parallel_size=parallel.get("ep", 1),
+    )
     config = transformer_config(shape, layout)
     sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
     return config, build_gpt_model(shape, sv, config, init_seed=seed)
@@ -57,7 +68,8 @@ def _planted_tp_reduction(kind: str):
 
     if kind == "double":
         return lambda t, group: copy_to_tensor_model_parallel_region(
-            copy_to_tensor_model_parallel_region(t, group=group), group=group)
+            copy_to_tensor_model_parallel_region(t, group=group), group=group
+        )
     return lambda t, group: t
 
 
@@ -87,16 +99,25 @@ def _job(rank, world_size, runs):
         if plant is not None:
             vector.sum_grad_over_tp = _planted_tp_reduction(plant)
         try:
-            res = train_steps(parallel, build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe,
-                                                                      fold_once_per_step=step_fold),
-                              collect_grads=(lambda n, p: True) if single_rank else _is_replicated_vector,
-                              steps=steps, keep_process_group=True, full_grads=True,
-                              finish=_decayed_params(strategy) if single_rank else None,
-                              optimizer_overrides=functools.partial(_overrides, strategy), **kwargs)
+            res = train_steps(
+                parallel,
+                build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe, fold_once_per_step=step_fold),
+                collect_grads=(lambda n, p: True) if single_rank else _is_replicated_vector,
+                steps=steps,
+                keep_process_group=True,
+                full_grads=True,
+                finish=_decayed_params(strategy) if single_rank else None,
+                optimizer_overrides=functools.partial(_overrides, strategy),
+                **kwargs,
+            )
         finally:
             vector.sum_grad_over_tp = original
-        out[key] = {"losses": res["losses"], "grads": res["grads"],
-                    "full_grads": res["full_grads"] if rank == 0 else None, "decayed": res.get("finish")}
+        out[key] = {
+            "losses": res["losses"],
+            "grads": res["grads"],
+            "full_grads": res["full_grads"] if rank == 0 else None,
+            "decayed": res.get("finish"),
+        }
     destroy_distributed()
     return out
 
@@ -126,8 +147,11 @@ def dense_results():
     ref_runs = [(("ref", s), s, False, REFERENCE) for s in STRATEGIES]
     ref = run_distributed(_job, world_size=1, args=(ref_runs,), timeout=600)[0]
     runs = [((layout, s), s, False, kw) for layout, kw in LAYOUTS.items() for s in STRATEGIES]
-    runs += [((f"tp2_{plant}", s), s, False, dict(LAYOUTS["tp2"], plant=plant, steps=1))
-             for plant in ("double", "missing") for s in PLANTED]
+    runs += [
+        ((f"tp2_{plant}", s), s, False, dict(LAYOUTS["tp2"], plant=plant, steps=1))
+        for plant in ("double", "missing")
+        for s in PLANTED
+    ]
     per_rank = run_distributed(_job, world_size=2, args=(runs,), timeout=900)
     return ref, per_rank
 
@@ -189,8 +213,9 @@ def test_replicated_vector_grads_equal_on_tp_ranks(dense_results, layout, strate
 
 @pytest.fixture(scope="module")
 def moe_results():
-    ep1 = run_distributed(_job, world_size=1, args=([(("ep1", s), s, True, REFERENCE) for s in STRATEGIES],),
-                          timeout=600)[0]
+    ep1 = run_distributed(
+        _job, world_size=1, args=([(("ep1", s), s, True, REFERENCE) for s in STRATEGIES],), timeout=600
+    )[0]
     runs = [((layout, s), s, True, kw) for layout, kw in MOE_LAYOUTS.items() for s in STRATEGIES]
     return ep1, run_distributed(_job, world_size=2, args=(runs,), timeout=900)
 
@@ -208,8 +233,9 @@ def test_moe_matches_ep1(moe_results, layout, strategy):
     ep1, got = moe_results
     expected = ep1[("ep1", strategy)]["losses"]
     assert expected[0] != expected[-1]
-    torch.testing.assert_close(torch.tensor(got[0][(layout, strategy)]["losses"]), torch.tensor(expected),
-                               rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(
+        torch.tensor(got[0][(layout, strategy)]["losses"]), torch.tensor(expected), rtol=2e-5, atol=2e-6
+    )
     assert grad_mismatches(got[0][(layout, strategy)]["full_grads"], ep1[("ep1", strategy)]["full_grads"]) == []
 
 
@@ -221,15 +247,33 @@ def test_fold_once_per_step_matches_per_micro_batch(strategy):
     """The fp32 cached fold once per optimizer step (--sv-fold-once-per-step: dL/dW_eff accumulated in
     main_grad, chain rule once per step after the reduction) trains exactly like folding per micro-batch:
     2 micro-batches on one rank, and PP2 / TP2+SP."""
-    ref = run_distributed(_job, world_size=1, args=([
-        ("micro", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2)),
-        ("step", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
-    ],), timeout=600)[0]
-    got = run_distributed(_job, world_size=2, args=([
-        ("pp2", strategy, False, dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
-        ("tp2", strategy, False, dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2,
-                                      **FOLD_STEP)),
-    ],), timeout=600)
+    ref = run_distributed(
+        _job,
+        world_size=1,
+        args=(
+            [
+                ("micro", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2)),
+                ("step", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
+            ],
+        ),
+        timeout=600,
+    )[0]
+    got = run_distributed(
+        _job,
+        world_size=2,
+        args=(
+            [
+                ("pp2", strategy, False, dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
+                (
+                    "tp2",
+                    strategy,
+                    False,
+                    dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP),
+                ),
+            ],
+        ),
+        timeout=600,
+    )
     expected = torch.tensor(ref["micro"]["losses"])
     torch.testing.assert_close(torch.tensor(ref["step"]["losses"]), expected, rtol=2e-5, atol=2e-6)
     for key in ("pp2", "tp2"):

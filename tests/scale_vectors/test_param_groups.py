@@ -12,8 +12,16 @@ from megatron_sv.scale_vectors.param_groups import (
     scale_vector_config_overrides,
 )
 
-SHAPE = GPTShape(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=32, seq_length=8,
-                 ffn_hidden_size=24, qk_layernorm=True, post_sublayer_norm=True)
+SHAPE = GPTShape(
+    num_layers=1,
+    hidden_size=16,
+    num_attention_heads=2,
+    vocab_size=32,
+    seq_length=8,
+    ffn_hidden_size=24,
+    qk_layernorm=True,
+    post_sublayer_norm=True,
+)
 
 
 def _decayed_names(policy, strategy="dp", shape=SHAPE):
@@ -25,8 +33,11 @@ def _decayed_names(policy, strategy="dp", shape=SHAPE):
     model = build_gpt_model(shape, sv, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     ddp = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1), [ddp],
-                                 config_overrides=scale_vector_config_overrides(sv))
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1),
+        [ddp],
+        config_overrides=scale_vector_config_overrides(sv),
+    )
     decayed, plain = set(), set()
     for group in opt.param_groups:
         for p in group["params"]:
@@ -55,8 +66,9 @@ def test_policy_groups(megatron_single_rank, policy):
 
 def test_iwd_with_or_reparam_magnitude_inherits_role(megatron_single_rank):
     # DNP's inner norm is the QK-norm of `unified`, so this model has no separate one
-    decayed, _, _, model = _decayed_names("iwd", strategy="unified",
-                                          shape=dataclasses.replace(SHAPE, qk_layernorm=False))
+    decayed, _, _, model = _decayed_names(
+        "iwd", strategy="unified", shape=dataclasses.replace(SHAPE, qk_layernorm=False)
+    )
     magnitudes = {n for n in _vector_names(model, "input") if n.endswith("magnitude")}
     assert magnitudes and magnitudes <= decayed
     assert not ({n for n in _vector_names(model, "output")} & decayed)
@@ -66,6 +78,6 @@ def test_table_lists_groups(megatron_single_rank):
     _, _, sv, model = _decayed_names("iwd")
     table = format_param_group_table(param_group_table(sv, [model], weight_decay=0.1))
     assert "scale vectors (Input-Norm)" in table and "scale vectors (Output-Norm)" in table
-    lines = {l.split("  ")[0]: l for l in table.splitlines()}
+    lines = {line.split("  ")[0]: line for line in table.splitlines()}
     assert lines["scale vectors (Input-Norm)"].split()[-2] == "0.1"
     assert lines["scale vectors (Output-Norm)"].split()[-2] == "0"

@@ -34,12 +34,24 @@ def _build(parallel, strategy: str, bf16: bool, moe: bool = False, fold_once_per
     from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB,
-                     seq_length=SEQ, ffn_hidden_size=48, num_experts=4 if moe else None, moe_router_topk=2)
-    layout = ParallelLayout(tensor_model_parallel_size=parallel.get("tp", 1),
-                            pipeline_model_parallel_size=parallel.get("pp", 1),
-                            sequence_parallel=parallel.get("sp", False),
-                            expert_model_parallel_size=parallel.get("ep", 1), bf16=bf16)
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        ffn_hidden_size=48,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+    )
+    layout = ParallelLayout(
+        tensor_model_parallel_size=parallel.get("tp", 1),
+        pipeline_model_parallel_size=parallel.get("pp", 1),
+        sequence_parallel=parallel.get("sp", False),
+        expert_model_parallel_size=parallel.get("ep", 1),
+        bf16=bf16,
+    )
     config = transformer_config(shape, layout)
     sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
     return config, build_gpt_model(shape, sv, config, init_seed=42)
@@ -54,14 +66,17 @@ def _randomize_vectors(model):
 
     from megatron_sv.scale_vectors.vector import ScaleVector
 
-    global_prefix = {f"{n}.": f"decoder.layers.{m.layer_number - 1}." for n, m in model.named_modules()
-                     if isinstance(m, TransformerLayer)}
+    global_prefix = {
+        f"{n}.": f"decoder.layers.{m.layer_number - 1}."
+        for n, m in model.named_modules()
+        if isinstance(m, TransformerLayer)
+    }
     for name, m in model.named_modules():
         if not isinstance(m, ScaleVector) or ".experts." in name:
             continue
         for local, glob in global_prefix.items():
             if name.startswith(local):
-                name = glob + name[len(local):]
+                name = glob + name[len(local) :]
                 break
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         m.set_value(0.5 + torch.rand(m.spec.size, generator=gen))
@@ -91,8 +106,11 @@ def _plant(name):
         # through .data / the parameter all-gather do not bump)
         "stale_cache": (step_fold.StepFoldState, "cache_is_fresh", lambda self: self.cache is not None),
         # the optimizer's copy writes W but nothing folds it: the model weight is not W_eff
-        "no_fold_at_copy": (step_fold.StepFolder, "fold_from_masters",
-                            lambda self, linears: [setattr(m.step_fold, "weight_holds_fold", True) for m in linears]),
+        "no_fold_at_copy": (
+            step_fold.StepFolder,
+            "fold_from_masters",
+            lambda self, linears: [setattr(m.step_fold, "weight_holds_fold", True) for m in linears],
+        ),
     }[name]
     original = cls.__dict__[attr]
     setattr(cls, attr, bad)
@@ -105,6 +123,7 @@ def _plant(name):
         setattr(cls, attr, original)
         for c, a, o in extra:
             setattr(c, a, o)
+
     return undo
 
 
@@ -112,6 +131,7 @@ def _set_lr(lr):
     def hook(step, model, optimizer):
         for group in optimizer.param_groups:
             group["lr"] = lr
+
     return hook if lr is not None else None
 
 
@@ -129,12 +149,22 @@ def _job(rank, world_size, runs):
         lr = kw.pop("lr", None)
         undo = _plant(kw.pop("plant", None))
         plans = []
-        res = train_steps(parallel, build_model=functools.partial(_build, strategy=strategy, bf16=bf16, moe=moe,
-                                                                  fold_once_per_step=(mode == "step")),
-                          collect_grads=lambda n, p: True, steps=3, model_hook=_randomize_vectors, keep_process_group=True, bf16=bf16,
-                          fold_policy=FoldPolicy(mode="micro_batch" if mode == "micro_batch" else "auto"),
-                          optimizer_overrides=functools.partial(_overrides, strategy),
-                          finish=lambda m: plans.append(_plans(m)), step_hook=_set_lr(lr), **kw)
+        res = train_steps(
+            parallel,
+            build_model=functools.partial(
+                _build, strategy=strategy, bf16=bf16, moe=moe, fold_once_per_step=(mode == "step")
+            ),
+            collect_grads=lambda n, p: True,
+            steps=3,
+            model_hook=_randomize_vectors,
+            keep_process_group=True,
+            bf16=bf16,
+            fold_policy=FoldPolicy(mode="micro_batch" if mode == "micro_batch" else "auto"),
+            optimizer_overrides=functools.partial(_overrides, strategy),
+            finish=lambda m: plans.append(_plans(m)),
+            step_hook=_set_lr(lr),
+            **kw,
+        )
         undo()
         out[key] = {"losses": res["losses"], "grads": res["grads"], "plans": plans[0]}
     destroy_distributed()
@@ -169,14 +199,17 @@ TP1 = dict(parallel={}, micro_batch_size=1, num_microbatches=2, lr=1e-3)
 LAYOUTS = {
     "tp2_sp": dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2, lr=1e-3),
     "pp2": dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, lr=1e-3),
-    "dp2_distopt": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True,
-                        lr=1e-3),
+    "dp2_distopt": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True, lr=1e-3),
     # one bucket per parameter (tiny buckets), each sharded over both ranks: every folded weight is split
     # mid-row between the ranks; reduction and parameter all-gather overlap with compute
-    "dp2_distopt_overlap": dict(parallel={}, micro_batch_size=1, num_microbatches=1, use_distributed_optimizer=True,
-                                lr=1e-3,
-                                ddp_overrides=dict(overlap_grad_reduce=True, overlap_param_gather=True,
-                                                   bucket_size=1)),
+    "dp2_distopt_overlap": dict(
+        parallel={},
+        micro_batch_size=1,
+        num_microbatches=1,
+        use_distributed_optimizer=True,
+        lr=1e-3,
+        ddp_overrides=dict(overlap_grad_reduce=True, overlap_param_gather=True, bucket_size=1),
+    ),
 }
 
 
@@ -184,15 +217,22 @@ LAYOUTS = {
 def results():
     one = []
     for s in STRATEGIES:
-        one += [(("fp32", s), s, dict(TP1, fold="micro_batch")),
-                (("bf16", s), s, dict(TP1, bf16=True)),
-                (("bf16_micro", s), s, dict(TP1, bf16=True, fold="micro_batch")),
-                (("fp32_step", s), s, dict(TP1, fold="step"))]
+        one += [
+            (("fp32", s), s, dict(TP1, fold="micro_batch")),
+            (("bf16", s), s, dict(TP1, bf16=True)),
+            (("bf16_micro", s), s, dict(TP1, bf16=True, fold="micro_batch")),
+            (("fp32_step", s), s, dict(TP1, fold="step")),
+        ]
     one += [(("bf16_moe", "unified"), "unified", dict(TP1, bf16=True, moe=True))]
     ref = run_distributed(_job, world_size=1, args=(one,), timeout=900)[0]
     two = [((name, s), s, dict(kw, bf16=True)) for name, kw in LAYOUTS.items() for s in STRATEGIES]
-    two += [(("ep2", "unified"), "unified", dict(parallel={"ep": 2}, micro_batch_size=1, num_microbatches=1,
-                                                 bf16=True, moe=True, lr=1e-3))]
+    two += [
+        (
+            ("ep2", "unified"),
+            "unified",
+            dict(parallel={"ep": 2}, micro_batch_size=1, num_microbatches=1, bf16=True, moe=True, lr=1e-3),
+        )
+    ]
     return ref, run_distributed(_job, world_size=2, args=(two,), timeout=900)
 
 
@@ -218,8 +258,7 @@ def test_fp32_cached_step_fold_equals_per_micro_batch(results, strategy):
     step, micro = ref[("fp32_step", strategy)], ref[("fp32", strategy)]
     torch.testing.assert_close(torch.tensor(step["losses"]), torch.tensor(micro["losses"]), rtol=2e-5, atol=2e-6)
     for n in micro["grads"]:
-        torch.testing.assert_close(step["grads"][n], micro["grads"][n], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(step["grads"][n], micro["grads"][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -256,11 +295,13 @@ def test_planted_bugs_are_caught():
     dropped, when the copy writes W without folding it, and when a cached fold is reused after the
     parameters changed through the distributed optimizer's all-gather (issue: stale folded weight)."""
     dp2 = LAYOUTS["dp2_distopt_overlap"]
-    runs = [(("ok", "dp"), "dp", dict(dp2, bf16=True)),
-            (("no_sum", "dp"), "dp", dict(dp2, bf16=True, plant="no_dp_partial_sum")),
-            (("no_fold", "dp"), "dp", dict(dp2, bf16=True, plant="no_fold_at_copy")),
-            (("fp32_step", "dp"), "dp", dict(dp2, fold="step")),
-            (("stale", "dp"), "dp", dict(dp2, fold="step", plant="stale_cache"))]
+    runs = [
+        (("ok", "dp"), "dp", dict(dp2, bf16=True)),
+        (("no_sum", "dp"), "dp", dict(dp2, bf16=True, plant="no_dp_partial_sum")),
+        (("no_fold", "dp"), "dp", dict(dp2, bf16=True, plant="no_fold_at_copy")),
+        (("fp32_step", "dp"), "dp", dict(dp2, fold="step")),
+        (("stale", "dp"), "dp", dict(dp2, fold="step", plant="stale_cache")),
+    ]
     got = run_distributed(_job, world_size=2, args=(runs,), timeout=600)[0]
     ok = got[("ok", "dp")]
     vectors = [n for n in ok["grads"] if "scales" in n]
@@ -272,8 +313,7 @@ def test_planted_bugs_are_caught():
     assert step["plans"] == stale["plans"] == ["cached"]
     assert stale["losses"][0] == step["losses"][0]  # the first step is right, later ones use the old W_eff
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(torch.tensor(stale["losses"]), torch.tensor(step["losses"]), rtol=2e-5,
-                                   atol=2e-6)
+        torch.testing.assert_close(torch.tensor(stale["losses"]), torch.tensor(step["losses"]), rtol=2e-5, atol=2e-6)
 
 
 # -- in-process unit tests ------------------------------------------------------------------------------
@@ -282,12 +322,12 @@ def _qkv_pair(strategy):
     from megatron_sv.scale_vectors.config import strategy_config
     from megatron_sv.scale_vectors.linears import ScaledColumnParallelLinear
 
-    shape = GPTShape(num_layers=1, hidden_size=16, num_attention_heads=4, num_query_groups=2, vocab_size=32,
-                     seq_length=8)
+    shape = GPTShape(
+        num_layers=1, hidden_size=16, num_attention_heads=4, num_query_groups=2, vocab_size=32, seq_length=8
+    )
     cfg = transformer_config(shape)
     sv = strategy_config(strategy)
-    common = dict(config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, sv=sv,
-                  branch_layout="qkv")
+    common = dict(config=cfg, init_method=cfg.init_method, bias=False, gather_output=False, sv=sv, branch_layout="qkv")
     torch.manual_seed(0)
     step, ref = ScaledColumnParallelLinear(16, 32, **common), ScaledColumnParallelLinear(16, 32, **common)
     gen = torch.Generator().manual_seed(3)
@@ -300,7 +340,7 @@ def _qkv_pair(strategy):
 def test_row_pieces_cover_a_flat_range_slot_by_slot():
     from megatron_sv.scale_vectors.step_fold import row_pieces
 
-    rows, cols, block = 12, 5, 4
+    cols, block = 5, 4
     for start, end in [(0, 60), (3, 57), (7, 8), (20, 40), (19, 41), (0, 1)]:
         seen = []
         for row0, nrows, col0, ncols, off in row_pieces(start, end, cols, block):
@@ -333,8 +373,7 @@ def test_chain_rule_once_per_step_equals_autograd(megatron_single_rank, strategy
     named = dict(ref.named_parameters())
     for name, p in step.named_parameters():
         # fp32 sum order only (an OR magnitude's gradient is a cancelling sum: absolute 1e-5)
-        torch.testing.assert_close(p.main_grad, named[name].grad, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.main_grad, named[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_cached_fold_follows_parameter_writes_through_data(megatron_single_rank):

@@ -30,8 +30,17 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 KILL_WAIT_S = 30  # Slurm's default: the time between SIGTERM and SIGKILL for the exit save
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _free_port() -> int:
@@ -43,7 +52,8 @@ def _free_port() -> int:
 def _resolves_here(name: str) -> bool:
     try:
         return socket.gethostbyname(name).startswith("127.") or socket.gethostbyname(name) in {
-            a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+            a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)
+        }
     except OSError:
         return False
 
@@ -65,13 +75,15 @@ class SlurmCluster:
     def cmd(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}\n"
-                                 + self.logs())
+            raise AssertionError(
+                f"{' '.join(args)} failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}\n" + self.logs()
+            )
         return r
 
     def sbatch(self, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> int:
-        r = subprocess.run(["sbatch", "--parsable", *args], env=env or self.env, cwd=cwd, capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            ["sbatch", "--parsable", *args], env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=60
+        )
         if r.returncode != 0:
             raise AssertionError(f"sbatch {' '.join(args)} failed: {r.stderr}")
         return int(r.stdout.strip().split(";")[0])
@@ -88,8 +100,10 @@ class SlurmCluster:
             if info.get("JobState") in states:
                 return info
             if time.time() > deadline:
-                raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s "
-                                     f"(waiting for {sorted(states)})\n" + self.logs())
+                raise AssertionError(
+                    f"job {job_id} still {info.get('JobState')} after {timeout} s "
+                    f"(waiting for {sorted(states)})\n" + self.logs()
+                )
             time.sleep(0.5)
 
     def wait_done(self, job_id: int, timeout: float) -> Dict[str, str]:
@@ -149,7 +163,9 @@ def _write_conf(root: str, host: str, nodes: List[str], munge_socket: str) -> st
     ctld_port = _free_port()
     node_lines = "\n".join(
         f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count() or 1} "
-        f"RealMemory={_real_memory_mb()} State=UNKNOWN" for n in nodes)
+        f"RealMemory={_real_memory_mb()} State=UNKNOWN"
+        for n in nodes
+    )
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     conf = f"""\
 ClusterName=svtest{os.getpid()}
@@ -182,7 +198,7 @@ InactiveLimit=0
 MinJobAge=3600
 SlurmdTimeout=300
 {node_lines}
-PartitionName=test Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=test Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
     path = os.path.join(root, "slurm.conf")
     with open(path, "w") as f:
@@ -194,8 +210,10 @@ PartitionName=test Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
 def slurm_cluster():
     missing = [b for b in DAEMONS + CLIENTS if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"Slurm/munge binaries absent ({', '.join(missing)}); install them with "
-                    "`apt-get install -y slurmd slurmctld slurm-client munge` (.ci/run does)")
+        pytest.skip(
+            f"Slurm/munge binaries absent ({', '.join(missing)}); install them with "
+            "`apt-get install -y slurmd slurmctld slurm-client munge` (.ci/run does)"
+        )
     host = socket.gethostname().split(".")[0]
     nodes = [host] + [n for n in ("localhost",) if n != host and _resolves_here(n)]
     # short paths: the munge socket path must fit in a unix socket address (108 bytes); munged wants every
@@ -221,13 +239,23 @@ def slurm_cluster():
 
     def start(*args: str, log: str) -> None:
         with open(os.path.join(root, "log", log), "ab") as out:
-            cluster.procs.append(subprocess.Popen(list(args), env=daemon_env, stdout=out,
-                                                  stderr=subprocess.STDOUT, start_new_session=True))
+            cluster.procs.append(
+                subprocess.Popen(
+                    list(args), env=daemon_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
 
     try:
-        start("munged", "--foreground", f"--key-file={key}", f"--socket={munge_socket}",
-              f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munged.seed",
-              f"--log-file={root}/log/munged.log", log="munged.out")
+        start(
+            "munged",
+            "--foreground",
+            f"--key-file={key}",
+            f"--socket={munge_socket}",
+            f"--pid-file={root}/munge/munged.pid",
+            f"--seed-file={root}/munge/munged.seed",
+            f"--log-file={root}/log/munged.log",
+            log="munged.out",
+        )
         deadline = time.time() + 30
         while not os.path.exists(munge_socket):
             if time.time() > deadline or cluster.procs[0].poll() is not None:
@@ -244,11 +272,21 @@ def slurm_cluster():
                 break
             dead = [p.args[0] for p in cluster.procs if p.poll() is not None]
             if dead or time.time() > deadline:
-                raise AssertionError(f"the Slurm cluster did not come up (exited: {dead}; sinfo: {r.stdout} "
-                                     f"{r.stderr})\n" + cluster.logs())
+                raise AssertionError(
+                    f"the Slurm cluster did not come up (exited: {dead}; sinfo: {r.stdout} "
+                    f"{r.stderr})\n" + cluster.logs()
+                )
             time.sleep(0.5)
-        r = cluster.cmd("srun", f"--nodes={len(nodes)}", "--ntasks-per-node=1", "--time=1",
-                        "bash", "-c", "echo $SLURMD_NODENAME", timeout=60)
+        r = cluster.cmd(
+            "srun",
+            f"--nodes={len(nodes)}",
+            "--ntasks-per-node=1",
+            "--time=1",
+            "bash",
+            "-c",
+            "echo $SLURMD_NODENAME",
+            timeout=60,
+        )
         assert sorted(r.stdout.split()) == sorted(nodes), r.stdout
         yield cluster
     finally:

@@ -39,11 +39,19 @@ def test_submit_runs_the_sweep_then_the_comparison(slurm_cluster, tmp_path):
     job = tmp_path / "job.sh"
     job.write_text(JOB)
     study = dict(
-        name="slurmtest", launcher="slurm", iters=6, warmup=1,
-        slurm=dict(script=str(job), env=dict(GBS="8", SEQ="32", PYTHON=sys.executable, REPO=ROOT),
-                   sbatch_args=["--time=10"], continue_sbatch_args=["--time=10", "--cpus-per-task=1"]),
+        name="slurmtest",
+        launcher="slurm",
+        iters=6,
+        warmup=1,
+        slurm=dict(
+            script=str(job),
+            env=dict(GBS="8", SEQ="32", PYTHON=sys.executable, REPO=ROOT),
+            sbatch_args=["--time=10"],
+            continue_sbatch_args=["--time=10", "--cpus-per-task=1"],
+        ),
         sweep=dict(configs=["standard"], lrs=[0.001, 0.01], seed=1, max_extensions=0),
-        compare=dict(configs=["standard", "hg+qk"], seeds=[1, 2], lr_from={"hg+qk": "standard"}))
+        compare=dict(configs=["standard", "hg+qk"], seeds=[1, 2], lr_from={"hg+qk": "standard"}),
+    )
     sp, out = tmp_path / "study.json", tmp_path / "out"
     sp.write_text(json.dumps(study))
     cmd = [sys.executable, os.path.join(ROOT, "tools", "ablation.py"), "submit", str(sp), "--out", str(out)]
@@ -61,8 +69,13 @@ def test_submit_runs_the_sweep_then_the_comparison(slurm_cluster, tmp_path):
             time.sleep(2)
     finally:
         cluster.cancel_all_jobs()
-    ids = ["standard_lr0.001_it6_s1", "standard_lr0.01_it6_s1", "standard_lr0.01_it6_s2", "hg+qk_lr0.01_it6_s1",
-           "hg+qk_lr0.01_it6_s2"]
+    ids = [
+        "standard_lr0.001_it6_s1",
+        "standard_lr0.01_it6_s1",
+        "standard_lr0.01_it6_s2",
+        "hg+qk_lr0.01_it6_s1",
+        "hg+qk_lr0.01_it6_s2",
+    ]
     for i in ids:
         info = json.loads((out / i / "run.json").read_text())
         assert len(info["attempts"]) == 1 and info["attempts"][0]["job_id"], i  # one job per run

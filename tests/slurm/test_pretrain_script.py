@@ -25,10 +25,24 @@ ITERS = 50  # the finishing runs (reference, requeue, two nodes): a few seconds 
 LONG_ITERS = 5000  # preempted runs: far longer than any job here lives; preemption ends them
 JOB_TIMEOUT = 300
 
-TINY = dict(DEVICE="cpu", MODEL="tiny", NUM_LAYERS="2", HIDDEN_SIZE="64", NUM_HEADS="4", SEQ_LENGTH="32",
-            MBS="2", GBS="8", WARMUP="2", LOG_INTERVAL="1", EVAL_ITERS="0", SAVE_INTERVAL="100000",
-            STRATEGY="unified", EXTRA_ARGS="--no-scale-vector-stats", PYTHON=sys.executable,
-            PYTHONUNBUFFERED="1")
+TINY = dict(
+    DEVICE="cpu",
+    MODEL="tiny",
+    NUM_LAYERS="2",
+    HIDDEN_SIZE="64",
+    NUM_HEADS="4",
+    SEQ_LENGTH="32",
+    MBS="2",
+    GBS="8",
+    WARMUP="2",
+    LOG_INTERVAL="1",
+    EVAL_ITERS="0",
+    SAVE_INTERVAL="100000",
+    STRATEGY="unified",
+    EXTRA_ARGS="--no-scale-vector-stats",
+    PYTHON=sys.executable,
+    PYTHONUNBUFFERED="1",
+)
 
 LOAD_CHECK = """
 import sys, torch
@@ -53,9 +67,24 @@ pytestmark = pytest.mark.timeout(900)
 def corpus(tmp_path_factory):
     """A small stdlib corpus and tokenizer, built once by the tool the script itself calls."""
     out = str(tmp_path_factory.mktemp("corpus"))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_default_corpus.py"),
-                        "--output-dir", out, "--vocab-size", "400", "--max-bytes", "300000", "--workers", "1"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "prepare_default_corpus.py"),
+            "--output-dir",
+            out,
+            "--vocab-size",
+            "400",
+            "--max-bytes",
+            "300000",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert r.returncode == 0, r.stderr
     values = dict(line.split("=", 1) for line in r.stdout.splitlines())
     assert set(values) == {"DATA_PATH", "TOKENIZER_MODEL", "NUM_TOKENS"}, r.stdout  # stdout: exactly these
@@ -72,9 +101,19 @@ def submit(cluster, save_dir, iters, *sbatch_args, data=None, **env_overrides) -
     env.update(env_overrides)
     os.makedirs(save_dir, exist_ok=True)
     # the script's #SBATCH header asks for 2 GPU nodes for 4 h; a CPU job overrides it on the command line
-    return cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                          f"--cpus-per-task={os.cpu_count() or 1}", "--time=6", "--open-mode=append",
-                          f"--output={save_dir}/slurm-%j.out", *sbatch_args, SCRIPT, env=env, cwd=ROOT)
+    return cluster.sbatch(
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        f"--cpus-per-task={os.cpu_count() or 1}",
+        "--time=6",
+        "--open-mode=append",
+        f"--output={save_dir}/slurm-%j.out",
+        *sbatch_args,
+        SCRIPT,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def output(save_dir, job_id) -> str:
@@ -103,11 +142,13 @@ def wait_for_iteration(cluster, job_id, save_dir, iteration, timeout=JOB_TIMEOUT
     while max(losses(metrics), default=0) < iteration:
         state = cluster.job(job_id).get("JobState")
         if state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            raise AssertionError(f"job {job_id} is {state} before iteration {iteration}:\n"
-                                 + output(save_dir, job_id)[-3000:])
+            raise AssertionError(
+                f"job {job_id} is {state} before iteration {iteration}:\n" + output(save_dir, job_id)[-3000:]
+            )
         if time.time() > deadline:
-            raise AssertionError(f"job {job_id}: no iteration {iteration} after {timeout} s\n"
-                                 + output(save_dir, job_id)[-3000:])
+            raise AssertionError(
+                f"job {job_id}: no iteration {iteration} after {timeout} s\n" + output(save_dir, job_id)[-3000:]
+            )
         time.sleep(0.3)
 
 
@@ -120,11 +161,11 @@ def reference(slurm_cluster, corpus, tmp_path_factory):
     """One uninterrupted sbatch run of ITERS iterations, with the script preparing its default data (reused
     from the corpus fixture's directory)."""
     save = tmp_path_factory.mktemp("reference")
-    job = submit(slurm_cluster, save, ITERS, DEFAULT_DATA_DIR=corpus["dir"], VOCAB="400",
-                 CORPUS_MAX_BYTES="300000")
+    job = submit(slurm_cluster, save, ITERS, DEFAULT_DATA_DIR=corpus["dir"], VOCAB="400", CORPUS_MAX_BYTES="300000")
     info = slurm_cluster.wait_done(job, JOB_TIMEOUT)
-    return dict(save=save, job=job, info=info, text=output(save, job),
-                losses=losses(os.path.join(save, "metrics.jsonl")))
+    return dict(
+        save=save, job=job, info=info, text=output(save, job), losses=losses(os.path.join(save, "metrics.jsonl"))
+    )
 
 
 def test_sbatch_trains_names_the_checkpoint_and_it_loads(reference, corpus):
@@ -137,15 +178,23 @@ def test_sbatch_trains_names_the_checkpoint_and_it_loads(reference, corpus):
     assert "rendezvous" in text and "1 node(s) x 2 ranks" in text  # the Slurm launch path, not the local one
     assert sorted(reference["losses"]) == list(range(1, ITERS + 1))
     assert tracker(save) == ITERS
-    r = subprocess.run([sys.executable, "-c", LOAD_CHECK, ckpt], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_CHECK, ckpt],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"),
+    )
     assert r.returncode == 0 and f"LOADED {ITERS} (1, 32," in r.stdout, r.stdout + r.stderr
 
 
-def test_preemption_saves_and_the_same_command_resumes_with_uninterrupted_losses(slurm_cluster, corpus,
-                                                                                   tmp_path):
-    cluster, save, data = slurm_cluster, tmp_path / "run", dict(DATA_PATH=corpus["DATA_PATH"],
-                                                                  TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"])
+def test_preemption_saves_and_the_same_command_resumes_with_uninterrupted_losses(slurm_cluster, corpus, tmp_path):
+    cluster, save, data = (
+        slurm_cluster,
+        tmp_path / "run",
+        dict(DATA_PATH=corpus["DATA_PATH"], TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"]),
+    )
     ends = []  # (job, exit iteration)
 
     # 1. the time limit's warning: Slurm sends SIGUSR1 up to 30 s before the requested 80 s ahead of the limit
@@ -192,8 +241,13 @@ def test_preemption_saves_and_the_same_command_resumes_with_uninterrupted_losses
 
 def test_requeue_restarts_the_job_and_it_resumes_by_itself(slurm_cluster, corpus, reference, tmp_path):
     cluster, save = slurm_cluster, tmp_path / "run"
-    job = submit(cluster, save, ITERS, "--requeue",
-                 data=dict(DATA_PATH=corpus["DATA_PATH"], TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"]))
+    job = submit(
+        cluster,
+        save,
+        ITERS,
+        "--requeue",
+        data=dict(DATA_PATH=corpus["DATA_PATH"], TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"]),
+    )
     wait_for_iteration(cluster, job, save, 3)
     cluster.cmd("scontrol", "requeue", str(job))
     info = cluster.wait_done(job, JOB_TIMEOUT + 120)  # a requeued job waits a while before it starts again
@@ -214,8 +268,14 @@ def test_two_nodes_rendezvous_on_the_first_node(slurm_cluster, corpus, reference
     cluster, save = slurm_cluster, tmp_path / "run"
     if len(cluster.nodes) < 2:
         pytest.skip("only one node name resolves to this host (need its hostname and localhost)")
-    job = submit(cluster, save, ITERS, "--nodes=2", NPROC_PER_NODE="1",
-                 data=dict(DATA_PATH=corpus["DATA_PATH"], TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"]))
+    job = submit(
+        cluster,
+        save,
+        ITERS,
+        "--nodes=2",
+        NPROC_PER_NODE="1",
+        data=dict(DATA_PATH=corpus["DATA_PATH"], TOKENIZER_MODEL=corpus["TOKENIZER_MODEL"]),
+    )
     info = cluster.wait_done(job, JOB_TIMEOUT)
     text = output(save, job)
     assert_completed(info, text)

@@ -10,8 +10,15 @@ from megatron_sv.scale_vectors.config import strategy_config
 
 pytestmark = pytest.mark.cuda
 
-SHAPE = GPTShape(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, vocab_size=256,
-                 seq_length=64, ffn_hidden_size=256)
+SHAPE = GPTShape(
+    num_layers=2,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=256,
+    seq_length=64,
+    ffn_hidden_size=256,
+)
 
 
 def _model(strategy, impl="local", bf16=False, seed=1234, **cfg):

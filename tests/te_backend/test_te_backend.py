@@ -11,8 +11,15 @@ from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
 from megatron_sv.scale_vectors.linears import ScaledColumnParallelLinear
 
 TE_OK, TE_REASON = tl.transformer_engine_status()
-SHAPE = GPTShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
-                 seq_length=8, ffn_hidden_size=48)
+SHAPE = GPTShape(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=64,
+    seq_length=8,
+    ffn_hidden_size=48,
+)
 
 
 # -- lazy import and the clear error ------------------------------------------------------------------
@@ -29,11 +36,12 @@ def test_te_spec_without_te_is_a_clear_error(megatron_single_rank):
     if TE_OK:  # a TE machine builds the spec
         assert get_sv_layer_spec(strategy_config("standard"), opts) is not None
         return
-    for call in (lambda: get_sv_layer_spec(strategy_config("unified"), opts),
-                 lambda: get_sv_block_spec(strategy_config("standard"), opts, cfg),
-                 lambda: build_gpt_model(SHAPE, strategy_config("standard"), cfg,
-                                         transformer_impl="transformer_engine"),
-                 tl.te_classes):
+    for call in (
+        lambda: get_sv_layer_spec(strategy_config("unified"), opts),
+        lambda: get_sv_block_spec(strategy_config("standard"), opts, cfg),
+        lambda: build_gpt_model(SHAPE, strategy_config("standard"), cfg, transformer_impl="transformer_engine"),
+        tl.te_classes,
+    ):
         with pytest.raises(tl.TransformerEngineUnavailable, match="--transformer-impl local"):
             call()
 
@@ -71,8 +79,10 @@ PAIRS = [
     ("module.decoder.layers.mlp.linear_fc1.layer_norm_bias", "module.decoder.layers.pre_mlp_layernorm.bias"),
     # keys that are the same on both backends
     ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.self_attention.linear_qkv.weight"),
-    ("decoder.layers.0.mlp.linear_fc1.input_scales.gate.direction",
-     "decoder.layers.0.mlp.linear_fc1.input_scales.gate.direction"),
+    (
+        "decoder.layers.0.mlp.linear_fc1.input_scales.gate.direction",
+        "decoder.layers.0.mlp.linear_fc1.input_scales.gate.direction",
+    ),
     ("decoder.final_layernorm.scale.weight", "decoder.final_layernorm.scale.weight"),
 ]
 
@@ -114,8 +124,10 @@ def test_local_standard_state_dict_round_trips_through_te_names(megatron_single_
     te = tl.local_state_dict_to_te(sd, fused_norms=True)
     assert not any(".input_layernorm." in k or ".pre_mlp_layernorm." in k for k in te)
     for layer in range(SHAPE.num_layers):
-        assert torch.equal(te[f"decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight"],
-                           sd[f"decoder.layers.{layer}.input_layernorm.scale.weight"])
+        assert torch.equal(
+            te[f"decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight"],
+            sd[f"decoder.layers.{layer}.input_layernorm.scale.weight"],
+        )
         if normalization == "LayerNorm":
             assert f"decoder.layers.{layer}.mlp.linear_fc1.layer_norm_bias" in te
     assert "decoder.final_layernorm.scale.weight" in te  # our final norm on both backends
@@ -134,18 +146,27 @@ def test_folding_strategies_keep_every_key(megatron_single_rank, strategy):
 
 def test_mapping_refuses_collisions():
     with pytest.raises(ValueError, match="map to the local key"):
-        tl.te_state_dict_to_local({"a.self_attention.linear_qkv.layer_norm_weight": 1,
-                                   "a.input_layernorm.scale.weight": 2})
+        tl.te_state_dict_to_local(
+            {"a.self_attention.linear_qkv.layer_norm_weight": 1, "a.input_layernorm.scale.weight": 2}
+        )
 
 
 def test_state_dict_hooks_on_plain_dicts():
     prefix = "decoder.layers.0.self_attention.linear_qkv."
     attn = "decoder.layers.0.self_attention.core_attention."
-    sd = {prefix + "weight": "W", prefix + "layer_norm_weight": "g", prefix + "_extra_state": "x",
-          "decoder.layers.0.self_attention.linear_proj.weight": "P"}
+    sd = {
+        prefix + "weight": "W",
+        prefix + "layer_norm_weight": "g",
+        prefix + "_extra_state": "x",
+        "decoder.layers.0.self_attention.linear_proj.weight": "P",
+    }
     tl.save_in_local_schema(None, sd, prefix, {})
-    assert sd == {prefix + "weight": "W", "decoder.layers.0.input_layernorm.scale.weight": "g",
-                  prefix + "_extra_state": "x", "decoder.layers.0.self_attention.linear_proj.weight": "P"}
+    assert sd == {
+        prefix + "weight": "W",
+        "decoder.layers.0.input_layernorm.scale.weight": "g",
+        prefix + "_extra_state": "x",
+        "decoder.layers.0.self_attention.linear_proj.weight": "P",
+    }
     sd2 = {attn + "_extra_state": "fp8 meta"}
     tl.save_in_local_schema(None, sd2, attn, {})
     assert sd2 == {}
@@ -156,6 +177,7 @@ def test_state_dict_hooks_on_plain_dicts():
 
     class Incompatible:
         missing_keys = [attn + "_extra_state", prefix + "_extra_state", prefix + "weight"]
+
     inc = Incompatible()
     tl.tolerate_missing_te_only_state(None, inc)
     # only TE attention's metadata may be missing; a linear's state or weight is still reported
@@ -174,7 +196,8 @@ def test_sharded_keys_match_the_local_checkpoint(megatron_single_rank):
     w, g = torch.zeros(3, 2), torch.ones(2)
     layer_axis = ((0, 0, SHAPE.num_layers),)
     te_sharded = make_sharded_tensors_for_checkpoint(
-        {"weight": w, "layer_norm_weight": g}, te_prefix, {"weight": 0}, layer_axis)
+        {"weight": w, "layer_norm_weight": g}, te_prefix, {"weight": 0}, layer_axis
+    )
     attn_key = "decoder.layers.0.self_attention.core_attention._extra_state"
     te_sharded[attn_key] = object()
     out = tl.sharded_in_local_schema(te_sharded)
@@ -194,9 +217,14 @@ def test_branch_plan_equals_the_local_layer(megatron_single_rank, swiglu):
     cfg = layer.config
     for lin in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
         assert isinstance(lin, ScaledColumnParallelLinear)
-        plan = tl.branch_plan(lin.branch_layout, output_size=lin.output_size, tp_size=1,
-                              num_attention_heads=cfg.num_attention_heads,
-                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels)
+        plan = tl.branch_plan(
+            lin.branch_layout,
+            output_size=lin.output_size,
+            tp_size=1,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups,
+            kv_channels=cfg.kv_channels,
+        )
         assert plan.layout == lin.layout
         assert list(plan.slot_branch) == lin.slot_branch
         assert tuple(plan.inner_norm_candidates) == tuple(lin.inner_norm_branches)
@@ -205,14 +233,17 @@ def test_branch_plan_equals_the_local_layer(megatron_single_rank, swiglu):
 
 
 def test_branch_plan_under_tensor_parallelism():
-    plan = tl.branch_plan("qkv", output_size=(8 + 2 * 2) * 16, tp_size=2, num_attention_heads=8,
-                          num_query_groups=2, kv_channels=16)
+    plan = tl.branch_plan(
+        "qkv", output_size=(8 + 2 * 2) * 16, tp_size=2, num_attention_heads=8, num_query_groups=2, kv_channels=16
+    )
     assert plan.layout.groups == 1 and plan.layout.slots == 4 + 2 and plan.layout.rows == 16
     with pytest.raises(ValueError, match="divisible by the tensor-parallel size"):
-        tl.branch_plan("qkv", output_size=(8 + 2 * 2) * 16, tp_size=4, num_attention_heads=8,
-                       num_query_groups=2, kv_channels=16)
-    plan = tl.branch_plan("gated_fc1", output_size=96, tp_size=2, num_attention_heads=1,
-                          num_query_groups=None, kv_channels=1)
+        tl.branch_plan(
+            "qkv", output_size=(8 + 2 * 2) * 16, tp_size=4, num_attention_heads=8, num_query_groups=2, kv_channels=16
+        )
+    plan = tl.branch_plan(
+        "gated_fc1", output_size=96, tp_size=2, num_attention_heads=1, num_query_groups=None, kv_channels=1
+    )
     assert plan.layout.rows == 24 and plan.branch_rows == {"gate": 48, "up": 48}
 
 

@@ -23,11 +23,36 @@ def load_tool(name: str):
     return mod
 
 
-TINY_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-              "--swiglu", "--untie-embeddings-and-output-weights", "--micro-batch-size", "8",
-              "--global-batch-size", "8", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",
-              "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "2", "--no-scale-vector-stats",
-              "--weight-decay", "0.1"]
+TINY_FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--swiglu",
+    "--untie-embeddings-and-output-weights",
+    "--micro-batch-size",
+    "8",
+    "--global-batch-size",
+    "8",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "255",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "3",
+    "--eval-iters",
+    "2",
+    "--no-scale-vector-stats",
+    "--weight-decay",
+    "0.1",
+]
 TOKENS_PER_STEP = 8 * 32
 
 
@@ -37,8 +62,17 @@ def study_dict(**stages) -> dict:
     return d
 
 
-def write_run(out: str, study: Study, run: Run, final_valid: float, final_train: Optional[float] = None,
-              initial: float = 9.0, diverged: bool = False, complete: bool = True, lr_per_step: float = None) -> str:
+def write_run(
+    out: str,
+    study: Study,
+    run: Run,
+    final_valid: float,
+    final_train: Optional[float] = None,
+    initial: float = 9.0,
+    diverged: bool = False,
+    complete: bool = True,
+    lr_per_step: float = None,
+) -> str:
     """A run whose train loss falls linearly from `initial` to `final_train` over the first half and then stays
     there; validation at iters/2 (loss 5.0) and at the end (final_valid)."""
     d = os.path.join(out, run.id)
@@ -50,9 +84,20 @@ def write_run(out: str, study: Study, run: Run, final_valid: float, final_train:
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for it in range(1, last + 1):
             loss = initial - (initial - final_train) * min(it - 1, half) / half
-            f.write(json.dumps({"type": "train", "iteration": it, "loss": loss, "grad_norm": 1.0,
-                                "lr": run.lr if lr_per_step is None else lr_per_step,
-                                "consumed_samples": it * 8, "ms_per_iter": 100.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "type": "train",
+                        "iteration": it,
+                        "loss": loss,
+                        "grad_norm": 1.0,
+                        "lr": run.lr if lr_per_step is None else lr_per_step,
+                        "consumed_samples": it * 8,
+                        "ms_per_iter": 100.0,
+                    }
+                )
+                + "\n"
+            )
             if it == half:
                 f.write(json.dumps({"type": "valid", "iteration": it, "loss": 5.0}) + "\n")
         if complete and not diverged:
@@ -68,9 +113,13 @@ def write_run(out: str, study: Study, run: Run, final_valid: float, final_train:
     return d
 
 
-def write_study(out: str, d: dict, final_valid: Callable[[Run], float],
-                final_train: Optional[Callable[[Run], float]] = None,
-                diverged: Callable[[Run], bool] = lambda r: False) -> Study:
+def write_study(
+    out: str,
+    d: dict,
+    final_valid: Callable[[Run], float],
+    final_train: Optional[Callable[[Run], float]] = None,
+    diverged: Callable[[Run], bool] = lambda r: False,
+) -> Study:
     """Every run the study plans, with the given outcomes (planned stage by stage, as the runner does)."""
     study = study_from_json(d)
     os.makedirs(out, exist_ok=True)

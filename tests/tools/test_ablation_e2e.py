@@ -33,8 +33,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run_dir = out / "standard_lr0.003_it30_s1"
     metrics = run_dir / "metrics.jsonl"
-    runner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    runner = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     children = []
     try:
         deadline = time.time() + 240

@@ -18,18 +18,37 @@ report = load_tool("ablation_report")
 
 STUDY = study_dict(
     sweep=dict(configs=["standard", "unified"], lrs=[0.001, 0.002, 0.004], seed=1, max_extensions=0),
-    compare=dict(configs=["standard", "hg", "unified", "standard+qk"], seeds=[1, 2, 3],
-                 lr_from={"hg": "standard", "standard+qk": "standard"}),
+    compare=dict(
+        configs=["standard", "hg", "unified", "standard+qk"],
+        seeds=[1, 2, 3],
+        lr_from={"hg": "standard", "standard+qk": "standard"},
+    ),
     efficiency=dict(reference="standard", budgets=[2.0, 4.0]),
-    weight_decay=dict(base="standard+qk+post", policies=["megatron", "iwd"], seeds=[1, 2], lr=0.002, iters=20,
-                      extra_flags=["--weight-decay", "0.5"], tag="wd0.5"),
+    weight_decay=dict(
+        base="standard+qk+post",
+        policies=["megatron", "iwd"],
+        seeds=[1, 2],
+        lr=0.002,
+        iters=20,
+        extra_flags=["--weight-decay", "0.5"],
+        tag="wd0.5",
+    ),
 )
 SEED_OFFSET = {1: 0.0, 2: 0.2, 3: 0.1}
 # at each configuration's best LR (0.002 for standard, 0.004 for unified): final valid loss per seed
-DELTA = {"standard": {1: 0.0, 2: 0.0, 3: 0.0}, "hg": {1: -0.01, 2: -0.02, 3: 0.0},
-         "unified": {1: -0.1, 2: -0.05, 3: -0.15}, "standard+qk": {1: -0.02, 2: 0.01, 3: -0.02}}
-SWEEP = {("standard", 0.001): 3.2, ("standard", 0.002): 3.0, ("standard", 0.004): 3.1,
-         ("unified", 0.001): 3.3, ("unified", 0.002): 3.0}  # unified at 0.004: 3.0 - 0.1 (its compare value)
+DELTA = {
+    "standard": {1: 0.0, 2: 0.0, 3: 0.0},
+    "hg": {1: -0.01, 2: -0.02, 3: 0.0},
+    "unified": {1: -0.1, 2: -0.05, 3: -0.15},
+    "standard+qk": {1: -0.02, 2: 0.01, 3: -0.02},
+}
+SWEEP = {
+    ("standard", 0.001): 3.2,
+    ("standard", 0.002): 3.0,
+    ("standard", 0.004): 3.1,
+    ("unified", 0.001): 3.3,
+    ("unified", 0.002): 3.0,
+}  # unified at 0.004: 3.0 - 0.1 (its compare value)
 
 
 def final_valid(run: Run) -> float:
@@ -55,11 +74,29 @@ def study_dir(tmp_path):
 
 def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     out = str(tmp_path / "report")
-    (tmp_path / "overhead.json").write_text(json.dumps({"header": "CPU, fp32, 1 rank", "results": {
-        "standard": {"ms_per_step": 10.0, "time_ratio": 1.0, "time_ratio_ci95": [1.0, 1.0], "mem_ratio": 1.0,
-                     "sv_params": 1234},
-        "unified": {"ms_per_step": 11.0, "time_ratio": 1.1, "time_ratio_ci95": [1.05, 1.15], "mem_ratio": 1.01,
-                    "sv_params": 2000}}}))
+    (tmp_path / "overhead.json").write_text(
+        json.dumps(
+            {
+                "header": "CPU, fp32, 1 rank",
+                "results": {
+                    "standard": {
+                        "ms_per_step": 10.0,
+                        "time_ratio": 1.0,
+                        "time_ratio_ci95": [1.0, 1.0],
+                        "mem_ratio": 1.0,
+                        "sv_params": 1234,
+                    },
+                    "unified": {
+                        "ms_per_step": 11.0,
+                        "time_ratio": 1.1,
+                        "time_ratio_ci95": [1.05, 1.15],
+                        "mem_ratio": 1.01,
+                        "sv_params": 2000,
+                    },
+                },
+            }
+        )
+    )
     rep = report.build_report(study_dir, out, last_n=5, overhead_json=str(tmp_path / "overhead.json"), plots=False)
     plan = rep["plan"]
     assert plan.best_lr == {"standard": 0.002, "unified": 0.004}
@@ -72,8 +109,9 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     assert d.mean == pytest.approx(-0.1) and d.t_ci == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-6)
     assert d.agree == 3
     # the train loss is the mean of the last 5 steps, which sit at final_valid - 0.3
-    assert rows["unified"]["final_train_mean"] == pytest.approx(statistics.fmean(
-        [3.0 + SEED_OFFSET[s] + DELTA["unified"][s] - 0.3 for s in (1, 2, 3)]))
+    assert rows["unified"]["final_train_mean"] == pytest.approx(
+        statistics.fmean([3.0 + SEED_OFFSET[s] + DELTA["unified"][s] - 0.3 for s in (1, 2, 3)])
+    )
     dq = rows["standard+qk"]["d_final_valid_vs_standard"]
     assert dq.agree == 2 and dq.mean == pytest.approx(-0.01)
     assert rows["unified"]["d_final_valid_vs_standard+qk"].mean == pytest.approx(-0.1 + 0.01)
@@ -81,8 +119,8 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     # efficiency: the reference loses 0.2 per doubling of tokens on every seed, so a paired gain of g is worth
     # 2**(g / 0.2) times the tokens; from the seed-mean curves: 2**(0.1 / 0.2)
     e = rep["efficiency"]["unified"]
-    assert e.estimate == pytest.approx(2 ** 0.5)
-    assert e.per_seed == pytest.approx({1: 2 ** 0.5, 2: 2 ** 0.25, 3: 2 ** 0.75})
+    assert e.estimate == pytest.approx(2**0.5)
+    assert e.per_seed == pytest.approx({1: 2**0.5, 2: 2**0.25, 3: 2**0.75})
     assert e.range == (1.0, 4.0)
     assert rep["efficiency"]["hg"].per_seed[3] == pytest.approx(1.0)
 
@@ -107,7 +145,7 @@ def test_report_numbers_match_hand_computation(study_dir, tmp_path):
     shared = [r for r in runs if r["id"] == "standard_lr0.002_it10_s1"][0]
     assert shared["stages"] == "sweep compare efficiency" and int(shared["tokens"]) == 10 * TOKENS_PER_STEP
     with open(os.path.join(out, "efficiency.csv")) as f:
-        assert float({r["config"]: r for r in csv.DictReader(f)}["unified"]["estimate"]) == pytest.approx(2 ** 0.5)
+        assert float({r["config"]: r for r in csv.DictReader(f)}["unified"]["estimate"]) == pytest.approx(2**0.5)
 
 
 def test_exported_logs_regenerate_the_same_report(study_dir, tmp_path):
@@ -139,7 +177,8 @@ def test_refuses_missing_empty_and_unfinished_input(study_dir, tmp_path, capsys)
     (empty / "study.json").write_text(open(os.path.join(study_dir, "study.json")).read())
     os.makedirs(empty / "standard_lr0.001_it10_s1")
     (empty / "standard_lr0.001_it10_s1" / "run.json").write_text(
-        open(os.path.join(study_dir, "standard_lr0.001_it10_s1", "run.json")).read())
+        open(os.path.join(study_dir, "standard_lr0.001_it10_s1", "run.json")).read()
+    )
     assert report.main(["--runs", str(empty), "--out", out, "--export-logs", str(tmp_path / "x")]) == 2
     assert "holds no finished run" in _err(capsys)[-1]
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")  # nothing written
@@ -163,8 +202,13 @@ def test_corrupt_log_is_a_clear_error(study_dir, tmp_path, capsys):
 
 def test_diverged_sweep_run_counts_as_infinite(tmp_path):
     root = str(tmp_path / "s")
-    write_study(root, STUDY, final_valid, final_train,
-                diverged=lambda r: r.config == "unified" and r.lr == 0.004 and r.seed == 1)
+    write_study(
+        root,
+        STUDY,
+        final_valid,
+        final_train,
+        diverged=lambda r: r.config == "unified" and r.lr == 0.004 and r.seed == 1,
+    )
     rep = report.build_report(root, str(tmp_path / "r"), last_n=5, plots=False)
     assert rep["plan"].best_lr["unified"] == 0.002
     assert "| `unified` | 3.3000 | **3.0000** | diverged |" in rep["markdown"]

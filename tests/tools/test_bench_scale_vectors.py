@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale_vectors",
-                                                  os.path.join(ROOT, "benchmarks", "bench_scale_vectors.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_scale_vectors", os.path.join(ROOT, "benchmarks", "bench_scale_vectors.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -32,9 +33,16 @@ OPTS = dict(micro_batch_size=1, seq_length=10, num_microbatches=2, variants={"un
 
 
 def test_verdicts(bench):
-    raw = _raw({"standard": [1.0, 1.0], "hg": [1.02, 1.02], "unified": [1.03, 1.03], "megatron-ref": [0.97, 0.97],
-                "unified+x": [0.5, 0.5]},
-               {s: {"peak": 100.0} for s in ("standard", "hg", "unified", "megatron-ref", "unified+x")})
+    raw = _raw(
+        {
+            "standard": [1.0, 1.0],
+            "hg": [1.02, 1.02],
+            "unified": [1.03, 1.03],
+            "megatron-ref": [0.97, 0.97],
+            "unified+x": [0.5, 0.5],
+        },
+        {s: {"peak": 100.0} for s in ("standard", "hg", "unified", "megatron-ref", "unified+x")},
+    )
     rows = {r["strategy"]: r for r in bench.summarize(raw, "bf16", 2, OPTS)}
     assert rows["hg"]["target"].endswith("no")  # 1.02x > 1.01x
     assert rows["unified"]["target"].endswith("yes")  # 1.03x <= 1.04x

@@ -14,7 +14,15 @@ from megatron_sv.study import stats
 from megatron_sv.study.launch import local_command, sbatch_command, slurm_env
 from megatron_sv.study.runlog import read_run, trim_records
 from megatron_sv.study.spec import (
-    STRATEGIES, Run, StudyError, config_flags, hypothetical_outcome, load_study, plan_study, study_from_json)
+    STRATEGIES,
+    Run,
+    StudyError,
+    config_flags,
+    hypothetical_outcome,
+    load_study,
+    plan_study,
+    study_from_json,
+)
 from tests.tools.study_fixtures import load_tool, study_dict, write_run
 
 ablation = load_tool("ablation")
@@ -23,8 +31,15 @@ FULL = dict(
     sweep=dict(configs=["standard", "unified"], lrs=[0.001, 0.002, 0.004], seed=1),
     compare=dict(configs=["standard", "hg", "unified"], seeds=[1, 2, 3], lr_from={"hg": "standard"}),
     efficiency=dict(reference="standard", budgets=[1.5, 2.0]),
-    weight_decay=dict(base="standard+qk+post", policies=["megatron", "iwd"], seeds=[1, 2], lr_from="standard",
-                      iters=20, extra_flags=["--weight-decay", "0.3"], tag="wd0.3"),
+    weight_decay=dict(
+        base="standard+qk+post",
+        policies=["megatron", "iwd"],
+        seeds=[1, 2],
+        lr_from="standard",
+        iters=20,
+        extra_flags=["--weight-decay", "0.3"],
+        tag="wd0.3",
+    ),
 )
 
 
@@ -52,8 +67,8 @@ def test_paired_interval_and_sign_agreement():
 def test_tokens_to_reach_is_linear_in_log_tokens():
     assert stats.tokens_to_reach([100, 200], [3.0, 2.0], 2.5) == pytest.approx(math.sqrt(100 * 200))
     assert stats.tokens_to_reach([100, 200, 400], [3.0, 2.0, 1.0], 1.5) == pytest.approx(math.sqrt(200 * 400))
-    assert stats.tokens_to_reach([100, 200], [3.0, 2.0], 1.9) == math.inf     # beyond the largest budget
-    assert stats.tokens_to_reach([100, 200], [3.0, 2.0], 3.1) == 0.0          # below the smallest
+    assert stats.tokens_to_reach([100, 200], [3.0, 2.0], 1.9) == math.inf  # beyond the largest budget
+    assert stats.tokens_to_reach([100, 200], [3.0, 2.0], 3.1) == 0.0  # below the smallest
     # a noisy, non-monotone reference curve is made non-increasing first (pool adjacent violators)
     assert stats.isotonic_decreasing([3.0, 2.0, 2.2, 1.0]) == [3.0, 2.1, 2.1, 1.0]
 
@@ -63,8 +78,8 @@ def test_efficiency_per_seed_and_from_mean_curves():
     ref = {1: {100.0: 3.0, 200.0: 2.0}, 2: {100.0: 3.2, 200.0: 2.2}, 3: {100.0: 3.1, 200.0: 2.1}}
     target = {1: 2.5, 2: 2.7, 3: 2.35}  # halfway, halfway, 3/4 of the way in log tokens
     e = stats.efficiency(ref, target, base)
-    assert e.per_seed[1] == pytest.approx(2 ** 0.5) and e.per_seed[2] == pytest.approx(2 ** 0.5)
-    assert e.per_seed[3] == pytest.approx(2 ** 0.75)
+    assert e.per_seed[1] == pytest.approx(2**0.5) and e.per_seed[2] == pytest.approx(2**0.5)
+    assert e.per_seed[3] == pytest.approx(2**0.75)
     mean_target = statistics.fmean(target.values())  # 2.5167 on the mean curve 3.1 -> 2.1
     assert e.estimate == pytest.approx(2 ** ((3.1 - mean_target) / 1.0))
     assert e.t_ci[0] < e.estimate < e.t_ci[1]
@@ -85,8 +100,14 @@ def test_sweep_best_lr_dedup_and_stages():
     plan = plan_study(study, lambda r: None)
     assert list(plan.stages) == ["sweep"] and len(plan.runs) == 6
     assert any("comparison" in w for w in plan.waiting)
-    losses = {("standard", 0.001, 1, 10): 3.0, ("standard", 0.002, 1, 10): 2.8, ("standard", 0.004, 1, 10): 2.9,
-              ("unified", 0.001, 1, 10): 2.9, ("unified", 0.002, 1, 10): 2.7, ("unified", 0.004, 1, 10): math.inf}
+    losses = {
+        ("standard", 0.001, 1, 10): 3.0,
+        ("standard", 0.002, 1, 10): 2.8,
+        ("standard", 0.004, 1, 10): 2.9,
+        ("unified", 0.001, 1, 10): 2.9,
+        ("unified", 0.002, 1, 10): 2.7,
+        ("unified", 0.004, 1, 10): math.inf,
+    }
     plan = plan_study(study, _outcome(losses))
     assert plan.best_lr == {"standard": 0.002, "unified": 0.002}
     assert plan.lr_of["hg"] == (0.002, "best LR of standard")
@@ -100,14 +121,15 @@ def test_sweep_best_lr_dedup_and_stages():
     eff = plan.stages["efficiency"]
     assert {plan.runs[i].iters for i in eff} == {10, 15, 20} and len(eff) == 9
     wd = plan.stages["weight_decay"]
-    assert [plan.runs[i].id for i in wd][:2] == ["standard+qk+post+wd=megatron_lr0.002_it20_s1_wd0.3",
-                                                  "standard+qk+post+wd=iwd_lr0.002_it20_s1_wd0.3"]
+    assert [plan.runs[i].id for i in wd][:2] == [
+        "standard+qk+post+wd=megatron_lr0.002_it20_s1_wd0.3",
+        "standard+qk+post+wd=iwd_lr0.002_it20_s1_wd0.3",
+    ]
     assert plan.runs[wd[0]].extra_flags == ("--weight-decay", "0.3")
 
 
 def test_sweep_extends_at_the_edge_and_ties_go_to_the_smaller_lr():
-    study = study_from_json(study_dict(sweep=dict(configs=["standard"], lrs=[0.001, 0.002], seed=1,
-                                                  max_extensions=1)))
+    study = study_from_json(study_dict(sweep=dict(configs=["standard"], lrs=[0.001, 0.002], seed=1, max_extensions=1)))
     losses = {("standard", 0.001, 1, 10): 3.0, ("standard", 0.002, 1, 10): 2.9}
     plan = plan_study(study, _outcome(losses))
     assert "standard_lr0.004_it10_s1" in plan.runs and "standard" not in plan.best_lr  # extended upwards
@@ -115,32 +137,47 @@ def test_sweep_extends_at_the_edge_and_ties_go_to_the_smaller_lr():
     plan = plan_study(study, _outcome(losses))
     assert plan.best_lr == {"standard": 0.004} and plan.at_edge == {"standard": "high"}
     tie = {("standard", 0.001, 1, 10): 2.0, ("standard", 0.002, 1, 10): 2.0}
-    study0 = study_from_json(study_dict(sweep=dict(configs=["standard"], lrs=[0.001, 0.002], seed=1,
-                                                   max_extensions=0)))
+    study0 = study_from_json(study_dict(sweep=dict(configs=["standard"], lrs=[0.001, 0.002], seed=1, max_extensions=0)))
     assert plan_study(study0, _outcome(tie)).best_lr == {"standard": 0.001}
     div = {("standard", 0.001, 1, 10): math.inf, ("standard", 0.002, 1, 10): math.inf}
     with pytest.raises(StudyError, match="every LR of the sweep of standard diverged"):
         plan_study(study0, _outcome(div))
 
 
-@pytest.mark.parametrize("patch,message", [
-    (dict(bogus=1), "unknown field"),
-    (dict(train_flags=["--lr", "1", "--eval-iters", "2"]), "--lr is set per run"),
-    (dict(train_flags=["--seq-length", "8", "--global-batch-size", "2"]), "--eval-iters must be >= 1"),
-    (dict(sweep=dict(configs=["standard"], lrs=[0.001], seed=1)), "at least 2 learning rates"),
-    (dict(sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3], seed=1), compare=dict(configs=["hg"], seeds=[1, 2],
-                                                                                  lr_from={"hg": "unified"})),
-     "not swept"),
-    (dict(sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3], seed=5),
-          compare=dict(configs=["standard"], seeds=[1, 2])), "must include the sweep seed"),
-    (dict(compare=dict(configs=["standard+bogus"], seeds=[1], lr=1e-3)), "unknown modifier"),
-    (dict(compare=dict(configs=["nonsense"], seeds=[1], lr=1e-3)), "unknown strategy"),
-    (dict(weight_decay=dict(base="standard", policies=["iwd"], seeds=[1], lr=1e-3)), "must include 'megatron'"),
-    (dict(weight_decay=dict(base="standard", policies=["megatron"], seeds=[1], lr=1e-3, iters=20)), "a tag"),
-    (dict(compare=dict(configs=["standard"], seeds=[1], lr=1e-3), efficiency=dict(reference="standard",
-                                                                                  budgets=[1.0, 2.0])),
-     "other than 1"),
-])
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        (dict(bogus=1), "unknown field"),
+        (dict(train_flags=["--lr", "1", "--eval-iters", "2"]), "--lr is set per run"),
+        (dict(train_flags=["--seq-length", "8", "--global-batch-size", "2"]), "--eval-iters must be >= 1"),
+        (dict(sweep=dict(configs=["standard"], lrs=[0.001], seed=1)), "at least 2 learning rates"),
+        (
+            dict(
+                sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3], seed=1),
+                compare=dict(configs=["hg"], seeds=[1, 2], lr_from={"hg": "unified"}),
+            ),
+            "not swept",
+        ),
+        (
+            dict(
+                sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3], seed=5),
+                compare=dict(configs=["standard"], seeds=[1, 2]),
+            ),
+            "must include the sweep seed",
+        ),
+        (dict(compare=dict(configs=["standard+bogus"], seeds=[1], lr=1e-3)), "unknown modifier"),
+        (dict(compare=dict(configs=["nonsense"], seeds=[1], lr=1e-3)), "unknown strategy"),
+        (dict(weight_decay=dict(base="standard", policies=["iwd"], seeds=[1], lr=1e-3)), "must include 'megatron'"),
+        (dict(weight_decay=dict(base="standard", policies=["megatron"], seeds=[1], lr=1e-3, iters=20)), "a tag"),
+        (
+            dict(
+                compare=dict(configs=["standard"], seeds=[1], lr=1e-3),
+                efficiency=dict(reference="standard", budgets=[1.0, 2.0]),
+            ),
+            "other than 1",
+        ),
+    ],
+)
 def test_bad_study_files_are_refused_with_one_line(patch, message):
     d = study_dict(compare=dict(configs=["standard"], seeds=[1], lr=1e-3))
     d.update(patch)
@@ -167,17 +204,23 @@ def test_strategy_names_match_the_method():
 
     assert set(STRATEGIES) == set(METHOD)
     assert config_flags("standard+qk+post+wd=iwd") == (
-        "standard", ["--qk-layernorm", "--sv-post-sublayer-norm", "--sv-weight-decay-policy", "iwd"])
+        "standard",
+        ["--qk-layernorm", "--sv-post-sublayer-norm", "--sv-weight-decay-policy", "iwd"],
+    )
 
 
 def test_shipped_study_files_plan(monkeypatch):
     monkeypatch.setenv("DATA_PATH", "/d/x_text_document")
     monkeypatch.setenv("TOKENIZER_MODEL", "/d/tok.model")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    files = [os.path.join(root, "examples", "studies", f) for f in os.listdir(os.path.join(root, "examples",
-                                                                                             "studies"))]
-    files += [os.path.join(root, "examples", "paper_scales", f)
-              for f in os.listdir(os.path.join(root, "examples", "paper_scales")) if f.endswith(".json")]
+    files = [
+        os.path.join(root, "examples", "studies", f) for f in os.listdir(os.path.join(root, "examples", "studies"))
+    ]
+    files += [
+        os.path.join(root, "examples", "paper_scales", f)
+        for f in os.listdir(os.path.join(root, "examples", "paper_scales"))
+        if f.endswith(".json")
+    ]
     assert len(files) >= 3
     for f in files:
         study = load_study(f)
@@ -221,8 +264,10 @@ def test_divergence_mark_is_what_the_training_prints():
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert EXIT_DIVERGED == TRAINING_EXIT_DIVERGED
-    assert f"pretrain_gpt_sv.py: {DIVERGED_MARK} at" in open(os.path.join(root, "megatron_sv", "training",
-                                                                        "loop.py")).read()
+    assert (
+        f"pretrain_gpt_sv.py: {DIVERGED_MARK} at"
+        in open(os.path.join(root, "megatron_sv", "training", "loop.py")).read()
+    )
 
 
 def test_run_states_from_disk(tmp_path):
@@ -253,7 +298,11 @@ def test_local_command_of_a_run(tmp_path):
     assert "--qk-layernorm" in cmd and "--sv-post-sublayer-norm" in cmd
     assert _flag(cmd, "--sv-weight-decay-policy") == "iwd" and _flag(cmd, "--weight-decay") == "0.3"
     assert (_flag(cmd, "--lr"), _flag(cmd, "--min-lr"), _flag(cmd, "--train-iters"), _flag(cmd, "--seed")) == (
-        "0.002", "0.0002", "20", "2")
+        "0.002",
+        "0.0002",
+        "20",
+        "2",
+    )
     assert _flag(cmd, "--save") == _flag(cmd, "--load") == os.path.join(d, "checkpoints")
     assert _flag(cmd, "--metrics-file") == os.path.join(d, "metrics.jsonl")
     ranks = study_from_json(study_dict(nproc=2, **FULL))
@@ -262,13 +311,28 @@ def test_local_command_of_a_run(tmp_path):
     assert _flag(cmd, "--master-port") == "12345" and cmd[cmd.index("--master-port") + 2].endswith("pretrain_gpt_sv.py")
 
 
-SLURM = dict(name="paper", launcher="slurm", iters=1000, warmup=10,
-             slurm=dict(script="examples/paper_scales/pretrain_paper_scale.sh",
-                        env=dict(MODEL="0.12b", OPT="adam", SCHED="cosine", GBS="256", SEQ="2048",
-                                 DATA_PATH="/data/c", TOKENIZER_MODEL="/data/t.model"),
-                        sbatch_args=["--nodes=1", "--time=04:00:00"], continue_sbatch_args=["--partition=cpu"]),
-             sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3, 4e-3], seed=1, max_extensions=0),
-             compare=dict(configs=["standard", "unified+qk"], seeds=[1, 2], lr_from={"unified+qk": "standard"}))
+SLURM = dict(
+    name="paper",
+    launcher="slurm",
+    iters=1000,
+    warmup=10,
+    slurm=dict(
+        script="examples/paper_scales/pretrain_paper_scale.sh",
+        env=dict(
+            MODEL="0.12b",
+            OPT="adam",
+            SCHED="cosine",
+            GBS="256",
+            SEQ="2048",
+            DATA_PATH="/data/c",
+            TOKENIZER_MODEL="/data/t.model",
+        ),
+        sbatch_args=["--nodes=1", "--time=04:00:00"],
+        continue_sbatch_args=["--partition=cpu"],
+    ),
+    sweep=dict(configs=["standard"], lrs=[1e-3, 2e-3, 4e-3], seed=1, max_extensions=0),
+    compare=dict(configs=["standard", "unified+qk"], seeds=[1, 2], lr_from={"unified+qk": "standard"}),
+)
 
 
 def _parse_dry_run(text):
@@ -291,12 +355,12 @@ def test_slurm_submit_dry_run_prints_one_sbatch_per_run_and_a_continuation(tmp_p
     jobs = [(c, a) for c, a in cmds if "pretrain_paper_scale.sh" in a[-1]]
     assert len(jobs) == 3  # the sweep; the comparison waits for it
     for (comment, argv), lr in zip(jobs, ["0.001", "0.002", "0.004"]):
-        env = dict(a.split("=", 1) for a in argv[:argv.index("sbatch")])
+        env = dict(a.split("=", 1) for a in argv[: argv.index("sbatch")])
         assert env["LR"] == lr and env["MIN_LR"] == lr_min(lr) and env["STRATEGY"] == "standard"
         assert env["SEED"] == "1" and env["TRAIN_ITERS"] == "1000" and env["WARMUP"] == "10"
         assert env["SAVE_DIR"] == str(out / f"standard_lr{lr}_it1000_s1")  # checkpoints + metrics of the run
         assert env["GBS"] == "256" and env["MODEL"] == "0.12b"
-        sb = argv[argv.index("sbatch"):]
+        sb = argv[argv.index("sbatch") :]
         assert "--nodes=1" in sb and "--parsable" in sb
         assert f"--output={env['SAVE_DIR']}/slurm-%j.out" in sb
     cont = [a for c, a in cmds if "--wrap" in a]
@@ -316,10 +380,12 @@ def test_slurm_submit_dry_run_prints_one_sbatch_per_run_and_a_continuation(tmp_p
     assert ablation.main(["submit", str(sp), "--out", str(out), "--dry-run"]) == 0
     cmds = _parse_dry_run(capsys.readouterr().out)
     jobs = [a for c, a in cmds if "pretrain_paper_scale.sh" in a[-1]]
-    envs = [dict(a.split("=", 1) for a in argv[:argv.index("sbatch")]) for argv in jobs]
+    envs = [dict(a.split("=", 1) for a in argv[: argv.index("sbatch")]) for argv in jobs]
     assert sorted((e["STRATEGY"], e["EXTRA_ARGS"], e["SEED"], e["LR"]) for e in envs) == [
-        ("standard", "", "2", "0.002"), ("unified", "--qk-layernorm", "1", "0.002"),
-        ("unified", "--qk-layernorm", "2", "0.002")]
+        ("standard", "", "2", "0.002"),
+        ("unified", "--qk-layernorm", "1", "0.002"),
+        ("unified", "--qk-layernorm", "2", "0.002"),
+    ]
 
 
 def lr_min(lr):
@@ -350,6 +416,7 @@ def test_runner_refuses_a_run_directory_with_another_command(tmp_path, capsys):
     assert len(info["attempts"]) == 1
     # a second runner on the same folder is refused while the first holds it
     import fcntl
+
     with open(out / ".run.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert ablation.main(["run", str(sp), "--out", str(out)]) == 2
@@ -366,10 +433,16 @@ def test_cpu_script_dry_run_prints_the_study_commands(tmp_path):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), DATA_PATH="/d/x_text_document",
-               TOKENIZER_MODEL="/d/t.model")
-    r = subprocess.run(["bash", os.path.join(root, "examples", "ablation_cpu.sh")], env=env, capture_output=True,
-                       text=True, timeout=120)
+    env = dict(
+        os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), DATA_PATH="/d/x_text_document", TOKENIZER_MODEL="/d/t.model"
+    )
+    r = subprocess.run(
+        ["bash", os.path.join(root, "examples", "ablation_cpu.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line and not line.startswith("#")]
     assert len(cmds) == 9  # the sweep: 3 configurations x 3 LRs; the rest waits for it

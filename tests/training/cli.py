@@ -17,26 +17,64 @@ ENTRY = os.path.join(ROOT, "pretrain_gpt_sv.py")
 
 # a tiny model on mock data: about 0.1 s per step on 2 cores
 TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-    "--swiglu", "--untie-embeddings-and-output-weights", "--micro-batch-size", "2",
-    "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",
-    "--scale-vector-strategy", "unified", "--log-interval", "1", "--eval-iters", "0",
-    "--no-scale-vector-stats", "--seed", "7",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--swiglu",
+    "--untie-embeddings-and-output-weights",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--min-lr",
+    "3e-4",
+    "--lr-decay-style",
+    "cosine",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "255",
+    "--scale-vector-strategy",
+    "unified",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "0",
+    "--no-scale-vector-stats",
+    "--seed",
+    "7",
 ]
 
 
 def command(args: Sequence[str], nproc: int, launcher: str = "torch.distributed.run") -> List[str]:
     if nproc == 1:
         return [sys.executable, ENTRY, *args]
-    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), ENTRY, *args]
+    return [
+        sys.executable,
+        "-m",
+        launcher,
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(find_free_port()),
+        ENTRY,
+        *args,
+    ]
 
 
 def env() -> Dict[str, str]:
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
-             TORCHINDUCTOR_COMPILE_THREADS="1")
+    e.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     return e
@@ -48,8 +86,7 @@ def run(args: Sequence[str], nproc: int = 2, timeout: float = 240, extra_env: Op
     e = tagged_env(env())
     e.update(extra_env or {})
     try:
-        return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     finally:
         kill_tagged(e[TAG_VAR])
 
@@ -60,8 +97,15 @@ def start(args: Sequence[str], nproc: int = 2, launcher: str = "torch.distribute
     SIGUSR1 and forwards it to the ranks)."""
     e = tagged_env(env())
     register(e[TAG_VAR])
-    proc = subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(args, nproc, launcher),
+        cwd=ROOT,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     proc.tag = e[TAG_VAR]
     return proc
 
@@ -94,8 +138,9 @@ def wait_for_iteration(path: str, iteration: int, proc: subprocess.Popen, timeou
         if max(read_metrics(path), default=0) >= iteration:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before iteration {iteration}:\n"
-                                 + proc.stdout.read())
+            raise AssertionError(
+                f"run ended (rc {proc.returncode}) before iteration {iteration}:\n" + proc.stdout.read()
+            )
         time.sleep(0.2)
     stop(proc)
     raise AssertionError(f"iteration {iteration} not reached in {timeout} s")

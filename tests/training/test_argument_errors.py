@@ -10,17 +10,20 @@ from megatron_sv.training.arguments import ArgumentError, parse_args, validate_a
 from tests.training.cli import TINY
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--global-batch-size", "0", "--global-batch-size must be positive, got 0"),
-    ("--lr", "nan", "--lr must be a finite number, got nan"),
-    ("--lr", "inf", "--lr must be a finite number, got inf"),
-    ("--min-lr", "nan", "--min-lr must be a finite number"),
-    ("--clip-grad", "nan", "--clip-grad must be a finite number"),
-    ("--weight-decay", "nan", "--weight-decay must be a finite number"),
-    ("--lr-decay-iters", "0", "--lr-decay-iters must be positive, got 0"),
-    ("--exit-interval", "0", "--exit-interval must be positive, got 0"),
-    ("--exit-interval", "-1", "--exit-interval must be positive, got -1"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--global-batch-size", "0", "--global-batch-size must be positive, got 0"),
+        ("--lr", "nan", "--lr must be a finite number, got nan"),
+        ("--lr", "inf", "--lr must be a finite number, got inf"),
+        ("--min-lr", "nan", "--min-lr must be a finite number"),
+        ("--clip-grad", "nan", "--clip-grad must be a finite number"),
+        ("--weight-decay", "nan", "--weight-decay must be a finite number"),
+        ("--lr-decay-iters", "0", "--lr-decay-iters must be positive, got 0"),
+        ("--exit-interval", "0", "--exit-interval must be positive, got 0"),
+        ("--exit-interval", "-1", "--exit-interval must be positive, got -1"),
+    ],
+)
 def test_unusable_values_name_the_flag(flag, value, message):
     with pytest.raises(ArgumentError) as e:
         validate_args(parse_args([*TINY, "--train-iters", "4", flag, value]), world_size=1)
@@ -46,5 +49,4 @@ def test_incomplete_first_save_does_not_block_the_rerun(tmp_path, capsys):
 def test_unwritable_save_is_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArgumentError, match="--save .* is not a directory"):
-        validate_args(parse_args([*TINY, "--train-iters", "4", "--save", str(tmp_path / "file" / "ck")]),
-                      world_size=1)
+        validate_args(parse_args([*TINY, "--train-iters", "4", "--save", str(tmp_path / "file" / "ck")]), world_size=1)

@@ -19,7 +19,7 @@ BASE = [x for x in TINY]
 
 def _without(argv, flag):
     i = argv.index(flag)
-    return argv[:i] + argv[i + 2:]
+    return argv[:i] + argv[i + 2 :]
 
 
 def _validate(extra, world_size=2, base=BASE):
@@ -43,51 +43,95 @@ def test_derived_values():
     assert a.moe_router_topk == 1 and a.sv_config.final_norm_role == "output"
 
 
-@pytest.mark.parametrize("extra,world,message", [
-    (["--tensor-model-parallel-size", "3"], 2, "not divisible by tensor"),
-    (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers 3 is not divisible"),
-    (["--sequence-parallel"], 1, "--sequence-parallel needs"),
-    (["--overlap-param-gather", "--overlap-grad-reduce"], 2, "--overlap-param-gather needs --use-distributed-opt"),
-    (["--overlap-param-gather", "--use-distributed-optimizer"], 2, "--overlap-param-gather needs --overlap-grad-red"),
-    (["--group-query-attention", "--num-query-groups", "3"], 1, "not divisible by --num-query-groups"),
-    (["--num-query-groups", "2"], 1, "needs --group-query-attention"),
-    (["--expert-model-parallel-size", "2"], 2, "needs --num-experts"),
-    (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk 5"),
-    (["--lr-decay-style", "wsd"], 1, "needs --lr-wsd-decay-iters"),
-    (["--min-lr", "1.0"], 1, "--min-lr"),
-    (["--optimizer", "muon"], 1, "emerging-optimizers"),
-    (["--fp8-format", "hybrid"], 1, "--fp8-format needs --bf16"),
-    (["--fp8-format", "hybrid", "--bf16", "--fp8-recipe", "delayed"], 1,
-     "--fp8-recipe on the local backend must be one of"),
-    (["--fp8-format", "hybrid", "--bf16", "--ffn-hidden-size", "40"], 1,
-     "FP8 GEMMs need sizes divisible by 16; linear_fc2 has input_features 40"),
-    (["--fp8-format", "hybrid", "--bf16", "--tensor-model-parallel-size", "2", "--hidden-size", "48",
-      "--num-attention-heads", "2"], 2, "linear_qkv has output_features 72"),
-    (["--transformer-impl", "transformer_engine"], 1, "--transformer-impl transformer_engine: "),
-    (["--scale-vector-strategy", "none", "--sv-placement", "dual"], 1, "scale vectors are disabled"),
-    (["--save-interval", "5"], 1, "--save-interval needs --save"),
-    # flags that would be silently ignored are refused
-    (["--sv-fold-once-per-step", "--transformer-impl", "transformer_engine"], 1,
-     "--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine"),
-    (["--fp8-recipe", "tensorwise"], 1, "--fp8-recipe only applies with --fp8-format"),
-    (["--lr-wsd-decay-style", "linear"], 1, "--lr-wsd-decay-style only applies with --lr-decay-style wsd"),
-    (["--moe-router-topk", "1"], 1, "--moe-router-topk only applies with --num-experts"),
-    (["--moe-aux-loss-coeff", "0.01"], 1, "--moe-aux-loss-coeff only applies with --num-experts"),
-    (["--position-embedding-type", "learned_absolute", "--rotary-base", "500000"], 1,
-     "--rotary-base only applies with --position-embedding-type rope"),
-    (["--dist-ckpt-optim-format", "dp_reshardable"], 1,
-     "--dist-ckpt-optim-format only applies with --use-distributed-optimizer"),
-    (["--no-load-optim"], 1, "--no-load-optim only applies with --load"),
-    (["--override-opt_param-scheduler"], 1, "--override-opt_param-scheduler only applies with --load"),
-    (["--load", "x", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], 1,
-     "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"),
-    (["--sv-final-norm-role", "output", "--sv-weight-decay-policy", "all"], 1,
-     "--sv-final-norm-role only applies with --sv-weight-decay-policy iwd"),
-    (["--scale-vector-strategy", "none", "--sv-weight-decay-policy", "iwd"], 1,
-     "--sv-weight-decay-policy only applies with learnable scale vectors"),
-    (["--merge-file", "m.txt"], 1, "--merge-file only applies with --tokenizer-type GPT2BPETokenizer"),
-])
+@pytest.mark.parametrize(
+    "extra,world,message",
+    [
+        (["--tensor-model-parallel-size", "3"], 2, "not divisible by tensor"),
+        (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers 3 is not divisible"),
+        (["--sequence-parallel"], 1, "--sequence-parallel needs"),
+        (["--overlap-param-gather", "--overlap-grad-reduce"], 2, "--overlap-param-gather needs --use-distributed-opt"),
+        (
+            ["--overlap-param-gather", "--use-distributed-optimizer"],
+            2,
+            "--overlap-param-gather needs --overlap-grad-red",
+        ),
+        (["--group-query-attention", "--num-query-groups", "3"], 1, "not divisible by --num-query-groups"),
+        (["--num-query-groups", "2"], 1, "needs --group-query-attention"),
+        (["--expert-model-parallel-size", "2"], 2, "needs --num-experts"),
+        (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk 5"),
+        (["--lr-decay-style", "wsd"], 1, "needs --lr-wsd-decay-iters"),
+        (["--min-lr", "1.0"], 1, "--min-lr"),
+        (["--optimizer", "muon"], 1, "emerging-optimizers"),
+        (["--fp8-format", "hybrid"], 1, "--fp8-format needs --bf16"),
+        (
+            ["--fp8-format", "hybrid", "--bf16", "--fp8-recipe", "delayed"],
+            1,
+            "--fp8-recipe on the local backend must be one of",
+        ),
+        (
+            ["--fp8-format", "hybrid", "--bf16", "--ffn-hidden-size", "40"],
+            1,
+            "FP8 GEMMs need sizes divisible by 16; linear_fc2 has input_features 40",
+        ),
+        (
+            [
+                "--fp8-format",
+                "hybrid",
+                "--bf16",
+                "--tensor-model-parallel-size",
+                "2",
+                "--hidden-size",
+                "48",
+                "--num-attention-heads",
+                "2",
+            ],
+            2,
+            "linear_qkv has output_features 72",
+        ),
+        (["--transformer-impl", "transformer_engine"], 1, "--transformer-impl transformer_engine: "),
+        (["--scale-vector-strategy", "none", "--sv-placement", "dual"], 1, "scale vectors are disabled"),
+        (["--save-interval", "5"], 1, "--save-interval needs --save"),
+        # flags that would be silently ignored are refused
+        (
+            ["--sv-fold-once-per-step", "--transformer-impl", "transformer_engine"],
+            1,
+            "--sv-fold-once-per-step is not implemented for --transformer-impl transformer_engine",
+        ),
+        (["--fp8-recipe", "tensorwise"], 1, "--fp8-recipe only applies with --fp8-format"),
+        (["--lr-wsd-decay-style", "linear"], 1, "--lr-wsd-decay-style only applies with --lr-decay-style wsd"),
+        (["--moe-router-topk", "1"], 1, "--moe-router-topk only applies with --num-experts"),
+        (["--moe-aux-loss-coeff", "0.01"], 1, "--moe-aux-loss-coeff only applies with --num-experts"),
+        (
+            ["--position-embedding-type", "learned_absolute", "--rotary-base", "500000"],
+            1,
+            "--rotary-base only applies with --position-embedding-type rope",
+        ),
+        (
+            ["--dist-ckpt-optim-format", "dp_reshardable"],
+            1,
+            "--dist-ckpt-optim-format only applies with --use-distributed-optimizer",
+        ),
+        (["--no-load-optim"], 1, "--no-load-optim only applies with --load"),
+        (["--override-opt_param-scheduler"], 1, "--override-opt_param-scheduler only applies with --load"),
+        (
+            ["--load", "x", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
+            1,
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other",
+        ),
+        (
+            ["--sv-final-norm-role", "output", "--sv-weight-decay-policy", "all"],
+            1,
+            "--sv-final-norm-role only applies with --sv-weight-decay-policy iwd",
+        ),
+        (
+            ["--scale-vector-strategy", "none", "--sv-weight-decay-policy", "iwd"],
+            1,
+            "--sv-weight-decay-policy only applies with learnable scale vectors",
+        ),
+        (["--merge-file", "m.txt"], 1, "--merge-file only applies with --tokenizer-type GPT2BPETokenizer"),
+    ],
+)
 def test_bad_flag_combinations(extra, world, message):
     with pytest.raises(ArgumentError, match=message.replace("-", r"\-").replace("(", r"\(")):
         _validate(extra, world)
@@ -100,8 +144,10 @@ def test_data_and_tokenizer_files(tmp_path):
     with pytest.raises(ArgumentError, match="missing .*missing.bin"):
         _validate(["--data-path", str(tmp_path / "missing")], base=no_mock)
     with pytest.raises(ArgumentError, match="--tokenizer-model .* does not exist"):
-        _validate(["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "t.model")],
-                  base=_without(BASE, "--vocab-size"))
+        _validate(
+            ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "t.model")],
+            base=_without(BASE, "--vocab-size"),
+        )
     with pytest.raises(ArgumentError, match="--vocab-size only applies with --tokenizer-type NullTokenizer"):
         _validate(["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "t.model")])
 
@@ -132,8 +178,9 @@ def test_cli_fails_fast_with_message(tmp_path):
     r = run(args, nproc=1, timeout=120)
     assert r.returncode == 2
     assert "error: --data-path/--split: dataset" in r.stderr and "nope.bin" in r.stderr
-    r = run([*TINY, "--train-iters", "2", "--global-batch-size", "6"], nproc=1, timeout=120,
-            extra_env={"WORLD_SIZE": "2"})
+    r = run(
+        [*TINY, "--train-iters", "2", "--global-batch-size", "6"], nproc=1, timeout=120, extra_env={"WORLD_SIZE": "2"}
+    )
     assert r.returncode == 2 and "--global-batch-size 6 is not divisible" in r.stderr
 
 
@@ -154,8 +201,9 @@ sys.exit(code)
 def _probe(args):
     from tests.training.cli import ROOT, env
 
-    return subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_and_argument_errors_are_fast_and_quiet():
@@ -191,10 +239,17 @@ def test_wandb_flags():
         _validate(["--wandb-exp-name", "x"])
     # where wandb is not installed: one line naming the package, before any work. `python -S` leaves
     # site-packages off the path, a real environment without wandb (the validation needs only the stdlib).
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from megatron_sv.training import cli; "
-            "sys.exit(cli.main(sys.argv[2:]))")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from megatron_sv.training import cli; "
+        "sys.exit(cli.main(sys.argv[2:]))"
+    )
     from tests.training.cli import ROOT
 
-    r = subprocess.run([sys.executable, "-S", "-c", code, ROOT, *BASE, "--train-iters", "2", "--wandb-project", "p"],
-                       capture_output=True, text=True, timeout=60, env={"WORLD_SIZE": "1", "PATH": os.environ["PATH"]})
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", code, ROOT, *BASE, "--train-iters", "2", "--wandb-project", "p"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"WORLD_SIZE": "1", "PATH": os.environ["PATH"]},
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the package 'wandb'" in r.stderr, r.stderr

@@ -3,7 +3,6 @@ distributed optimizer and both communication overlaps, and a 200-step run tracks
 
 from __future__ import annotations
 
-
 import torch
 
 from megatron_sv.checkpointing import read_tracker
@@ -14,8 +13,9 @@ BF16_DP2 = ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce", "-
 
 
 def _folded_weight_keys(tensors):
-    return [k for k in tensors if k.endswith(("linear_qkv.weight", "linear_fc1.weight"))
-            and not k.startswith("optimizer")]
+    return [
+        k for k in tensors if k.endswith(("linear_qkv.weight", "linear_fc1.weight")) and not k.startswith("optimizer")
+    ]
 
 
 def test_bf16_checkpoint_holds_unfolded_weights(tmp_path, megatron_single_rank):
@@ -56,8 +56,26 @@ def test_bf16_loss_curve_tracks_fp32(tmp_path):
     curves = {}
     for name, extra in [("fp32", []), ("bf16", ["--bf16"])]:
         metrics = str(tmp_path / f"{name}.jsonl")
-        check(run([*small, *extra, "--train-iters", "200", "--lr", "1e-3", "--min-lr", "1e-4",
-                   "--log-interval", "50", "--metrics-file", metrics], nproc=1, timeout=600))
+        check(
+            run(
+                [
+                    *small,
+                    *extra,
+                    "--train-iters",
+                    "200",
+                    "--lr",
+                    "1e-3",
+                    "--min-lr",
+                    "1e-4",
+                    "--log-interval",
+                    "50",
+                    "--metrics-file",
+                    metrics,
+                ],
+                nproc=1,
+                timeout=600,
+            )
+        )
         curves[name] = torch.tensor([losses(metrics)[i] for i in range(1, 201)])
     smooth = {k: v.unfold(0, 20, 20).mean(1) for k, v in curves.items()}
     assert smooth["fp32"][0] - smooth["fp32"][-1] > 1.0

@@ -23,11 +23,12 @@ def test_tp2_pp2_dp2_match_single_rank(tmp_path):
     ref = _run_layout(tmp_path, "tp1", [], 1)
     assert sorted(ref) == list(range(1, ITERS + 1))
     assert ref[ITERS] < ref[1]
-    for name, layout in [("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-                         ("pp2", ["--pipeline-model-parallel-size", "2"]),
-                         ("dp2", ["--use-distributed-optimizer"]),
-                         ("pp2_fold_once_per_step", ["--pipeline-model-parallel-size", "2",
-                                                     "--sv-fold-once-per-step"])]:
+    for name, layout in [
+        ("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        ("pp2", ["--pipeline-model-parallel-size", "2"]),
+        ("dp2", ["--use-distributed-optimizer"]),
+        ("pp2_fold_once_per_step", ["--pipeline-model-parallel-size", "2", "--sv-fold-once-per-step"]),
+    ]:
         got = _run_layout(tmp_path, name, layout, 2)
         assert sorted(got) == sorted(ref), name
         for i in ref:
@@ -51,8 +52,21 @@ def test_resume_matches_uninterrupted_and_reshards(tmp_path):
     assert read_tracker(ckpt) == 6
     # the TP2 checkpoint of iteration 3 resumed at PP2 (model and optimizer resharded)
     pp = str(tmp_path / "pp.jsonl")
-    check(run([*TINY, "--pipeline-model-parallel-size", "2", "--train-iters", "6",
-               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", pp]))
+    check(
+        run(
+            [
+                *TINY,
+                "--pipeline-model-parallel-size",
+                "2",
+                "--train-iters",
+                "6",
+                "--load",
+                str(tmp_path / "ckpt_at_3"),
+                "--metrics-file",
+                pp,
+            ]
+        )
+    )
     got = losses(pp)
     assert sorted(got) == [4, 5, 6]
     for i in got:
@@ -61,8 +75,21 @@ def test_resume_matches_uninterrupted_and_reshards(tmp_path):
 
 def test_nan_stops_with_iteration_and_keeps_checkpoint(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    r = run([*TINY, "--train-iters", "6", "--save", ckpt, "--save-interval", "2",
-             "--inject-nan-at-iteration", "3", "--metrics-file", str(tmp_path / "m.jsonl")])
+    r = run(
+        [
+            *TINY,
+            "--train-iters",
+            "6",
+            "--save",
+            ckpt,
+            "--save-interval",
+            "2",
+            "--inject-nan-at-iteration",
+            "3",
+            "--metrics-file",
+            str(tmp_path / "m.jsonl"),
+        ]
+    )
     assert r.returncode != 0, r.stderr[-3000:]  # torchrun exits 1 when ranks exit 3
     assert "iteration 3" in r.stderr and "nan" in r.stderr.lower()
     assert read_tracker(ckpt) == 2
@@ -72,11 +99,34 @@ def test_nan_stops_with_iteration_and_keeps_checkpoint(tmp_path):
 def test_validation_tensorboard_and_wandb(tmp_path):
     tb, wb = tmp_path / "tb", str(tmp_path / "wandb")
     metrics = str(tmp_path / "m.jsonl")
-    r = check(run([x for x in TINY if x not in ("--no-scale-vector-stats",)]
-                  + ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
-                     "--tensorboard-dir", str(tb), "--metrics-file", metrics,
-                     "--wandb-project", "sv-test", "--wandb-exp-name", "e2e", "--wandb-save-dir", wb,
-                     "--pipeline-model-parallel-size", "2"], extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
+    r = check(
+        run(
+            [x for x in TINY if x not in ("--no-scale-vector-stats",)]
+            + [
+                "--train-iters",
+                "4",
+                "--eval-interval",
+                "2",
+                "--eval-iters",
+                "1",
+                "--log-interval",
+                "2",
+                "--tensorboard-dir",
+                str(tb),
+                "--metrics-file",
+                metrics,
+                "--wandb-project",
+                "sv-test",
+                "--wandb-exp-name",
+                "e2e",
+                "--wandb-save-dir",
+                wb,
+                "--pipeline-model-parallel-size",
+                "2",
+            ],
+            extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        )
+    )
     assert sorted(read_metrics(metrics, "valid")) == [2, 4]
     assert "validation at iteration 2" in r.stdout and "tokens/s" in r.stdout
     assert "scale vectors (Input-Norm)" in r.stdout  # the param-group table
@@ -119,15 +169,32 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
     assert resumed[4] == full[4]  # weights restored exactly
     assert [resumed[i] for i in range(1, 6)] == [full[i] for i in range(1, 6)]
     tp = str(tmp_path / "tp.jsonl")
-    check(run([*TINY, *layout, "--train-iters", "5",
-               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp], nproc=1))
+    check(
+        run(
+            [*TINY, *layout, "--train-iters", "5", "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp], nproc=1
+        )
+    )
     got = losses(tp)
     assert sorted(got) == [4, 5]
     for i in got:
         assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
     tp2 = str(tmp_path / "tp2.jsonl")
-    check(run([*TINY, *layout, "--tensor-model-parallel-size", "2", "--train-iters", "5",
-               "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp2]))
+    check(
+        run(
+            [
+                *TINY,
+                *layout,
+                "--tensor-model-parallel-size",
+                "2",
+                "--train-iters",
+                "5",
+                "--load",
+                str(tmp_path / "ckpt_at_3"),
+                "--metrics-file",
+                tp2,
+            ]
+        )
+    )
     got = losses(tp2)
     assert sorted(got) == [4, 5]
     for i in got:
@@ -140,8 +207,20 @@ def test_async_save_and_exit_duration(tmp_path):
     full = _run_layout(tmp_path, "full", [], 1, iters=4)
     ckpt = str(tmp_path / "ckpt")
     part = str(tmp_path / "part.jsonl")
-    args = [*TINY, "--train-iters", "4", "--save", ckpt, "--load", ckpt, "--metrics-file", part,
-            "--async-save", "--save-interval", "2"]
+    args = [
+        *TINY,
+        "--train-iters",
+        "4",
+        "--save",
+        ckpt,
+        "--load",
+        ckpt,
+        "--metrics-file",
+        part,
+        "--async-save",
+        "--save-interval",
+        "2",
+    ]
     check(run([*args, "--exit-interval", "2"], nproc=1))
     assert read_tracker(ckpt) == 2
     check(run(args, nproc=1))
@@ -150,8 +229,22 @@ def test_async_save_and_exit_duration(tmp_path):
     assert read_tracker(ckpt) == 4
 
     timed = str(tmp_path / "timed")
-    out = check(run([*TINY, "--train-iters", "1000", "--save", timed, "--exit-duration-in-mins", "0.0001",
-                     "--metrics-file", str(tmp_path / "timed.jsonl")], nproc=1)).stdout
+    out = check(
+        run(
+            [
+                *TINY,
+                "--train-iters",
+                "1000",
+                "--save",
+                timed,
+                "--exit-duration-in-mins",
+                "0.0001",
+                "--metrics-file",
+                str(tmp_path / "timed.jsonl"),
+            ],
+            nproc=1,
+        )
+    ).stdout
     stopped = read_tracker(timed)
     assert stopped is not None and stopped < 1000
     assert "--exit-duration-in-mins" in out

@@ -28,8 +28,7 @@ from tests.training.cli import TINY, read_metrics, start, wait_for_iteration
 
 
 def _ranks(proc):
-    return [p for p in descendants(proc.pid) if "pretrain_gpt_sv.py" in " ".join(p.cmdline())
-            and p.ppid() == proc.pid]
+    return [p for p in descendants(proc.pid) if "pretrain_gpt_sv.py" in " ".join(p.cmdline()) and p.ppid() == proc.pid]
 
 
 def _writer_running(proc) -> bool:
@@ -59,8 +58,19 @@ def _finish(proc, ckpt, metrics):
 @pytest.mark.timeout(600)  # four jobs in a row
 def test_signals_to_the_whole_job_leave_a_complete_checkpoint(tmp_path):
     ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl")
-    base = [*TINY, "--train-iters", "100000", "--lr-decay-iters", "1000", "--save", ckpt, "--load", ckpt,
-            "--metrics-file", metrics]
+    base = [
+        *TINY,
+        "--train-iters",
+        "100000",
+        "--lr-decay-iters",
+        "1000",
+        "--save",
+        ckpt,
+        "--load",
+        ckpt,
+        "--metrics-file",
+        metrics,
+    ]
 
     # 1. before the first save; a killed earlier attempt left an incomplete first save behind, which
     # the same command ignores (it used to refuse: "none was completed") and then cleans up

@@ -29,8 +29,15 @@ def _global_batch():
 
 def _batches(tokens, labels, mask, rows):
     pos = torch.arange(SEQ).unsqueeze(0)
-    return [{"tokens": tokens[i:i + MICRO], "labels": labels[i:i + MICRO], "loss_mask": mask[i:i + MICRO],
-             "position_ids": pos.expand(MICRO, SEQ).contiguous()} for i in range(rows.start, rows.stop, MICRO)]
+    return [
+        {
+            "tokens": tokens[i : i + MICRO],
+            "labels": labels[i : i + MICRO],
+            "loss_mask": mask[i : i + MICRO],
+            "position_ids": pos.expand(MICRO, SEQ).contiguous(),
+        }
+        for i in range(rows.start, rows.stop, MICRO)
+    ]
 
 
 def _trainer(extra):

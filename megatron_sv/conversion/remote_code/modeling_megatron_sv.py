@@ -70,10 +70,12 @@ class MegatronSVAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         if config.sv_inner_norm or config.qk_norm:
             h, hd, eps = config.hidden_size, self.head_dim, config.rms_norm_eps
-            self.q_proj = HeadNormLinear(h, config.num_attention_heads * hd, hd, eps, config.sv_inner_norm,
-                                         config.qk_norm)
-            self.k_proj = HeadNormLinear(h, config.num_key_value_heads * hd, hd, eps, config.sv_inner_norm,
-                                         config.qk_norm)
+            self.q_proj = HeadNormLinear(
+                h, config.num_attention_heads * hd, hd, eps, config.sv_inner_norm, config.qk_norm
+            )
+            self.k_proj = HeadNormLinear(
+                h, config.num_key_value_heads * hd, hd, eps, config.sv_inner_norm, config.qk_norm
+            )
 
 
 class MegatronSVMLP(LlamaMLP):
@@ -121,12 +123,22 @@ class MegatronSVDecoderLayer(LlamaDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         if not self.post_norms:
-            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   position_embeddings=position_embeddings, **kwargs)
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
-                              position_embeddings=position_embeddings, **kwargs)
+        h, _ = self.self_attn(
+            hidden_states=h,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         hidden_states = residual + self.post_self_attn_layernorm(h)
         residual = hidden_states
         h = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -152,8 +164,7 @@ class MegatronSVModel(MegatronSVPreTrainedModel, LlamaModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [MegatronSVDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([MegatronSVDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False

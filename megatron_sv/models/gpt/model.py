@@ -75,12 +75,14 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
     if shape.position_embedding_type not in ("rope", "learned_absolute", "none"):
         raise ValueError(f"unsupported --position-embedding-type {shape.position_embedding_type!r}")
     if shape.hidden_size % shape.num_attention_heads:
-        raise ValueError(f"--hidden-size {shape.hidden_size} is not divisible by "
-                         f"--num-attention-heads {shape.num_attention_heads}")
+        raise ValueError(
+            f"--hidden-size {shape.hidden_size} is not divisible by --num-attention-heads {shape.num_attention_heads}"
+        )
     groups = shape.num_query_groups or shape.num_attention_heads
     if shape.num_attention_heads % groups:
-        raise ValueError(f"--num-attention-heads {shape.num_attention_heads} is not divisible by "
-                         f"--num-query-groups {groups}")
+        raise ValueError(
+            f"--num-attention-heads {shape.num_attention_heads} is not divisible by --num-query-groups {groups}"
+        )
     if layout.sequence_parallel and layout.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     moe = {}
@@ -136,19 +138,38 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
     return TransformerConfig(**cfg)
 
 
-def layer_options(shape: GPTShape, core_attention=None, init_seed: Optional[int] = None,
-                  transformer_impl: str = "local", fp8: Optional[FP8Recipe] = None) -> LayerOptions:
-    return LayerOptions(num_layers=shape.num_layers, gated_mlp=shape.swiglu, num_experts=shape.num_experts,
-                        qk_layernorm=shape.qk_layernorm, post_sublayer_norm=shape.post_sublayer_norm,
-                        core_attention=core_attention, init_seed=init_seed, transformer_impl=transformer_impl,
-                        fp8=fp8)
+def layer_options(
+    shape: GPTShape,
+    core_attention=None,
+    init_seed: Optional[int] = None,
+    transformer_impl: str = "local",
+    fp8: Optional[FP8Recipe] = None,
+) -> LayerOptions:
+    return LayerOptions(
+        num_layers=shape.num_layers,
+        gated_mlp=shape.swiglu,
+        num_experts=shape.num_experts,
+        qk_layernorm=shape.qk_layernorm,
+        post_sublayer_norm=shape.post_sublayer_norm,
+        core_attention=core_attention,
+        init_seed=init_seed,
+        transformer_impl=transformer_impl,
+        fp8=fp8,
+    )
 
 
-def build_gpt_model(shape: GPTShape, sv: ScaleVectorConfig, config: TransformerConfig,
-                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                    core_attention=None, init_seed: Optional[int] = None,
-                    vp_stage: Optional[int] = None, transformer_impl: str = "local",
-                    fp8: Optional[FP8Recipe] = None) -> GPTModel:
+def build_gpt_model(
+    shape: GPTShape,
+    sv: ScaleVectorConfig,
+    config: TransformerConfig,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    core_attention=None,
+    init_seed: Optional[int] = None,
+    vp_stage: Optional[int] = None,
+    transformer_impl: str = "local",
+    fp8: Optional[FP8Recipe] = None,
+) -> GPTModel:
     """The GPT for this pipeline stage (first/last stage decided from parallel_state when None).
 
     ``init_seed``: draw every layer's (and expert's) weights from this seed and its global position,

@@ -22,8 +22,9 @@ def _layer_seed(init_seed: int, global_layer: int) -> int:
 
 
 @torch.no_grad()
-def _redraw_tp_sharded(weight: torch.Tensor, full_shape, partition_dim: int, stride: int, init_method,
-                       tp_rank: int, tp_size: int) -> None:
+def _redraw_tp_sharded(
+    weight: torch.Tensor, full_shape, partition_dim: int, stride: int, init_method, tp_rank: int, tp_size: int
+) -> None:
     master = torch.empty(*full_shape, dtype=torch.float32)
     init_method(master)
     per_stride = weight.shape[partition_dim] // stride
@@ -41,8 +42,10 @@ def _redraw_experts(layer: TransformerLayer, init_seed: int, global_layer: int) 
     cfg = layer.config
     for i, expert in enumerate(local):
         torch.manual_seed(_layer_seed(init_seed, global_layer) + _EXPERT_STRIDE * (first + i + 1))
-        for lin, dim, init in ((expert.linear_fc1, 0, cfg.init_method),
-                               (expert.linear_fc2, 1, cfg.output_layer_init_method)):
+        for lin, dim, init in (
+            (expert.linear_fc1, 0, cfg.init_method),
+            (expert.linear_fc2, 1, cfg.output_layer_init_method),
+        ):
             tp_group = lin.tp_group
             tp_rank, tp_size = (tp_group.rank(), tp_group.size()) if tp_group is not None else (0, 1)
             full = list(lin.weight.shape)

@@ -82,14 +82,14 @@ def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
     if sv.has_inner_norms and opts.qk_layernorm:
         raise ValueError(
             "placement dual_norm (DNP) already normalizes q and k per head (its inner norm is a QK-norm "
-            "with the scale on the output side); drop --qk-layernorm or choose another placement")
+            "with the scale on the output side); drop --qk-layernorm or choose another placement"
+        )
     if opts.num_layers < 1:
         raise ValueError("num_layers must be >= 1")
 
 
 def _norm(sv: ScaleVectorConfig, *, has_scale: bool, role: str, input_split: str) -> ModuleSpec:
-    return ModuleSpec(module=ScaledNorm,
-                      params=dict(sv=sv, has_scale=has_scale, role=role, input_split=input_split))
+    return ModuleSpec(module=ScaledNorm, params=dict(sv=sv, has_scale=has_scale, role=role, input_split=input_split))
 
 
 def _pre_norm(sv: ScaleVectorConfig) -> ModuleSpec:
@@ -111,8 +111,7 @@ class PostNormMoELayer(MoELayer):
     """MoELayer followed by a post-sub-layer Output-Norm on its combined output."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, *, sv):
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         pg_collection=pg_collection)
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.post_norm = make_post_norm(config, config.hidden_size, sv, tp_group=None)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -125,8 +124,7 @@ def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
         mlp = InnerNormSwiGLUMLP if sv.has_inner_norms else MLP
         return ModuleSpec(module=mlp, submodules=_mlp_submodules(sv, opts, expert=False))
     experts = ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(sv, opts, expert=True))
-    submodules = MoESubmodules(experts=experts, shared_experts=None,
-                               router=partial(ScaledTopKRouter, sv=sv))
+    submodules = MoESubmodules(experts=experts, shared_experts=None, router=partial(ScaledTopKRouter, sv=sv))
     if opts.post_sublayer_norm:
         return ModuleSpec(module=PostNormMoELayer, params=dict(sv=sv), submodules=submodules)
     return ModuleSpec(module=MoELayer, submodules=submodules)
@@ -138,16 +136,18 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
         from .te_layer_specs import check_transformer_impl, get_te_layer_spec
 
         if opts.fp8 is not None:
-            raise ValueError("LayerOptions.fp8 is the local backend's FP8; Transformer Engine takes its FP8 "
-                             "recipe from TransformerConfig.fp8")
+            raise ValueError(
+                "LayerOptions.fp8 is the local backend's FP8; Transformer Engine takes its FP8 "
+                "recipe from TransformerConfig.fp8"
+            )
 
         check_transformer_impl(opts.transformer_impl)
         return get_te_layer_spec(sv, opts)
     _check(sv, opts)
-    qk_norm = (_norm(sv, has_scale=True, role="output", input_split="heads")
-               if opts.qk_layernorm else IdentityOp)
-    linear_proj = (_linear(PostNormRowParallelLinear, opts, sv=sv) if opts.post_sublayer_norm
-                   else _linear(RowParallelLinear, opts))
+    qk_norm = _norm(sv, has_scale=True, role="output", input_split="heads") if opts.qk_layernorm else IdentityOp
+    linear_proj = (
+        _linear(PostNormRowParallelLinear, opts, sv=sv) if opts.post_sublayer_norm else _linear(RowParallelLinear, opts)
+    )
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -173,8 +173,9 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
     )
 
 
-def get_sv_block_spec(sv: ScaleVectorConfig, opts: LayerOptions, config,
-                      vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+def get_sv_block_spec(
+    sv: ScaleVectorConfig, opts: LayerOptions, config, vp_stage: Optional[int] = None
+) -> TransformerBlockSubmodules:
     """Block spec for this pipeline stage: its layers plus our final norm (TransformerBlock would
     otherwise take the final norm from a module global)."""
     if opts.transformer_impl != "local":

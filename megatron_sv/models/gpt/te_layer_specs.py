@@ -44,18 +44,22 @@ def get_te_layer_spec(sv: ScaleVectorConfig, opts) -> ModuleSpec:
 
     _check(sv, opts)
     if opts.num_experts:
-        raise NotImplementedError("MoE layers are not available on --transformer-impl transformer_engine "
-                                  "yet; use --transformer-impl local")
+        raise NotImplementedError(
+            "MoE layers are not available on --transformer-impl transformer_engine yet; use --transformer-impl local"
+        )
     if opts.core_attention is not None:
-        raise ValueError("the Transformer Engine spec uses TE's DotProductAttention; core_attention is for "
-                         "the local spec")
+        raise ValueError(
+            "the Transformer Engine spec uses TE's DotProductAttention; core_attention is for the local spec"
+        )
     require_transformer_engine()
     te = te_classes()
     fused = fuses_norm_into_linear(sv)
-    qk_norm = (_norm(sv, has_scale=True, role="output", input_split="heads")
-               if opts.qk_layernorm else IdentityOp)
-    row = (ModuleSpec(module=te.SVTEPostNormRowParallelLinear, params=dict(sv=sv))
-           if opts.post_sublayer_norm else te.SVTERowParallelLinear)
+    qk_norm = _norm(sv, has_scale=True, role="output", input_split="heads") if opts.qk_layernorm else IdentityOp
+    row = (
+        ModuleSpec(module=te.SVTEPostNormRowParallelLinear, params=dict(sv=sv))
+        if opts.post_sublayer_norm
+        else te.SVTERowParallelLinear
+    )
     if fused:
         qkv, fc1, pre_norm = te.SVTELayerNormColumnParallelLinear, te.SVTELayerNormColumnParallelLinear, IdentityOp
     else:
@@ -65,8 +69,13 @@ def get_te_layer_spec(sv: ScaleVectorConfig, opts) -> ModuleSpec:
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=te.SVTEDotProductAttention,
-                                           linear_proj=row, q_layernorm=qk_norm, k_layernorm=qk_norm),
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=qkv,
+            core_attention=te.SVTEDotProductAttention,
+            linear_proj=row,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
     )
     mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=row))
     return ModuleSpec(
@@ -83,7 +92,9 @@ def get_te_layer_spec(sv: ScaleVectorConfig, opts) -> ModuleSpec:
     )
 
 
-def get_te_block_spec(sv: ScaleVectorConfig, opts, config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+def get_te_block_spec(
+    sv: ScaleVectorConfig, opts, config, vp_stage: Optional[int] = None
+) -> TransformerBlockSubmodules:
     from .sv_layer_specs import _norm
 
     layer = get_te_layer_spec(sv, opts)
