@@ -207,17 +207,15 @@ def cli_flags(opts, name: str, precision: str, world_size: int):
 
 
 def _trainer(opts, name, precision, world_size):
-    from megatron_sv.training.arguments import padded_vocab_size, validate_args
     from megatron_sv.training.arguments import parse_args as cli_parse
+    from megatron_sv.training.arguments import validate_args
     from megatron_sv.training.data import build_tokenizer_from_args
 
-    args = validate_args(cli_parse(cli_flags(opts, name, precision, world_size)), world_size)
-    tokenizer = build_tokenizer_from_args(args)
-    args.padded_vocab_size = padded_vocab_size(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
+    config = validate_args(cli_parse(cli_flags(opts, name, precision, world_size)), world_size)
+    tokenizer = build_tokenizer_from_args(config.args)
+    config = config.with_vocab(tokenizer.vocab_size)
     reference = opts["variants"].get(name, (name,))[0] == MEGATRON_REFERENCE
-    trainer = (ReferenceTrainer if reference else Trainer)(args, tokenizer)
+    trainer = (ReferenceTrainer if reference else Trainer)(config, tokenizer)
     torch.manual_seed(1234)
     trainer.build_model()
     trainer.build_optimizer()

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import List, Optional, Sequence
 
-from megatron_sv.training.cli import EXIT_BAD_ARGS, EXIT_DIVERGED  # torch-free
+from megatron_sv.training.exits import EXIT_BAD_ARGS, EXIT_DIVERGED  # torch-free
 
 # The trainer's exit codes after which its own message says everything.
 REPORTED_EXIT_CODES = (EXIT_BAD_ARGS, EXIT_DIVERGED)
@@ -113,8 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     _forward_signals(FORWARDED_SIGNALS)
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415 - torch after the signal mask: its threads inherit it
+    from torch.distributed.run import parse_args, run  # noqa: PLC0415 - as above
 
     api_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     held = _HoldFailureLines(api_logger)

@@ -27,10 +27,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# torch-free (--help answers at once); the conversions, which import torch, load in main()
+from megatron_sv.checkpointing import CheckpointError  # noqa: E402
+from megatron_sv.config_fields import add_flags  # noqa: E402
+from megatron_sv.scale_vectors.config import STRATEGIES, ScaleVectorConfig, preset_overrides  # noqa: E402
+
 
 def _sv_flags(p: argparse.ArgumentParser) -> None:
-    from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
-
+    # the method's switches as the training command line declares them (ScaleVectorConfig's fields)
     p.add_argument(
         "--strategy",
         "--scale-vector-strategy",
@@ -39,12 +43,7 @@ def _sv_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="target scale-vector strategy",
     )
-    p.add_argument("--sv-branch-specific", dest="sv_branch_specific", action="store_true", default=None)
-    p.add_argument("--no-sv-branch-specific", dest="sv_branch_specific", action="store_false")
-    p.add_argument("--sv-placement", choices=PLACEMENTS, default=None)
-    p.add_argument("--sv-reparam", choices=REPARAMS, default=None)
-    p.add_argument("--sv-weight-decay-policy", choices=WEIGHT_DECAY_POLICIES, default=None)
-    p.add_argument("--sv-final-norm-role", choices=ROLES, default=None)
+    add_flags({"scale vectors": p}, ScaleVectorConfig, skip=("fold_once_per_step",))
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
@@ -100,19 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(a):
-    return dict(
-        branch_specific=a.sv_branch_specific,
-        placement=a.sv_placement,
-        reparam=a.sv_reparam,
-        weight_decay_policy=a.sv_weight_decay_policy,
-        final_norm_role=a.sv_final_norm_role,
-    )
+    return preset_overrides(vars(a))
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from megatron_sv.checkpointing import CheckpointError
-    from megatron_sv.conversion import ConversionError, convert_megatron, export_to_hf, import_from_hf
+    # noqa below: torch loads after the arguments are parsed (--help answers at once)
+    from megatron_sv.conversion import ConversionError, convert_megatron, export_to_hf, import_from_hf  # noqa: PLC0415
 
     try:
         if a.command == "export":

@@ -24,6 +24,14 @@ import shutil
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sv.checkpointing.layout import (
@@ -34,6 +42,7 @@ from megatron_sv.checkpointing.layout import (
     write_tracker,
 )
 from megatron_sv.checkpointing.safe_load import verify_checkpoint_files
+from megatron_sv.scale_vectors.vector import DROPPED_MAGNITUDE
 
 # Distributed-optimizer state format (megatron-core 0.16.1): "fully_reshardable" gathers the optimizer
 # state of each data-parallel group on its DP rank 0 at save time and stores it per model parameter, so
@@ -50,8 +59,6 @@ def _prime_distributed_optimizer_state(optimizer) -> None:
     calls state_dict(), which asserts one common Adam 'step' over a state that a fresh optimizer does not
     have yet. Create the zero state (what the first step would create) so the load can proceed; the
     checkpoint then overwrites it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(sub, DistributedOptimizer):
             continue
@@ -70,8 +77,6 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
     the freshly primed (zero) state that was used to build the load request. Adam's bias correction after
     a resume would then restart from step 1. The saved step is in the checkpoint's param groups (the
     common state); give every parameter its own copy of it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     groups = _find_key(loaded_optimizer_state, "param_groups") or []
     steps = {g["step"] for g in groups if isinstance(g, dict) and "step" in g}
     if not steps:
@@ -102,8 +107,6 @@ def _keep_state_keys_missing_from_checkpoint(optimizer):
     KeyError('step'). For the duration of our load only, and only on these optimizer instances, keep the
     keys the checkpoint does not carry (the step is restored from the param groups afterwards, see
     _restore_adam_steps). Nothing in megatron-core is patched: the class and other instances are untouched."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     overridden = []
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(sub, DistributedOptimizer) or not _uses_torch_adam_state(sub):
@@ -165,8 +168,6 @@ def _unwrap(model_chunks) -> torch.nn.Module:
 
 
 def _rng_state() -> Dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     state = {"torch_cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -174,8 +175,6 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     torch.set_rng_state(state["torch_cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -210,9 +209,6 @@ def save_checkpoint(
     with ``async_queue`` (a dist_checkpointing AsyncCallsQueue), when the async request is finalized.
     ``model_tensors``: {id(model parameter): tensor to store in its place} (a weight that holds a folded
     W_eff is stored as W; the optimizer state is matched to parameters before the swap)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
     ckpt = checkpoint_dir(root, iteration)
     rank = _rank()
     already = 0
@@ -274,8 +270,6 @@ SAVE_ERRORS = (Exception, CheckpointException)
 
 
 def _swap_model_tensors(model_state: Dict[str, Any], replacements: Dict[int, torch.Tensor]) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     swapped = 0
     for sh in model_state.values():  # a factory (e.g. SwiGLU's fc1 split) builds its pieces from .data at save
         if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and id(sh.data) in replacements:
@@ -350,9 +344,6 @@ def load_checkpoint(
     non-tensor state (iteration, consumed_train_samples, args, ...) or None when ``root`` holds no
     checkpoint. ``check_args(saved_args)`` may raise to refuse an incompatible checkpoint before any
     tensor is read; so may ``check_common(common_state)``."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-
     iteration = read_tracker(root) if os.path.isdir(root) else None
     if iteration is None:
         return None
@@ -404,10 +395,6 @@ def load_checkpoint(
 def _report_dropped_magnitudes(ckpt: str, model_state: Dict[str, Any], log: Callable[[str], None]) -> None:
     """Migration of checkpoints written before DNP's input-side vectors became direction-only: their
     magnitudes are in the checkpoint but not in the model, and are left out (with their optimizer state)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_sv.scale_vectors.vector import DROPPED_MAGNITUDE
-
     wanted = {getattr(v, "key", None) for v in _leaves(model_state)}
     saved = dist_checkpointing.load_tensors_metadata(ckpt)
     dropped = sorted(
@@ -433,8 +420,6 @@ def _leaves(tree: Any):
 
 
 def _layout() -> Dict[str, int]:
-    from megatron.core import parallel_state
-
     return {
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),

@@ -9,104 +9,64 @@ training package (imports point down: tools -> conversion -> checkpointing).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from megatron_sv.checkpointing.dist import load_common
 from megatron_sv.checkpointing.layout import CheckpointError, checkpoint_dir, read_tracker
+from megatron_sv.config_fields import command_line, fields_of, to_saved
+from megatron_sv.models.gpt.shape import GPTShape
+from megatron_sv.scale_vectors.config import ScaleVectorConfig, config_from_saved, preset_overrides
 
-# One declaration of what a checkpoint's model is: the typed configs themselves. Every field of GPTShape (the
-# model's shape) and of ScaleVectorConfig (the method) is saved under its CLI name, rebuilt from saved args,
-# and compared on resume and conversion, except the fields exempted here with the reason; a new field is
-# therefore checked without touching any list (tests/checkpointing/test_model_args.py keeps this honest).
-SHAPE_FIELD_ARG = {"vocab_size": "padded_vocab_size", "post_sublayer_norm": "sv_post_sublayer_norm"}
-SHAPE_FIELDS_NOT_DEFINING = {
-    "seq_length": "the sample length is a data choice (RoPE and learned positions follow --max-position-embeddings)",
-    "init_method_std": "only the initialization, which a loaded checkpoint replaces",
-    "moe_token_dispatcher_type": "how tokens travel between experts, not what they compute",
-    "moe_aux_loss_coeff": "a term of the training loss, not of the model",
-}
-SV_FIELDS_NOT_DEFINING = {"fold_once_per_step": "where the fold runs; the same function and gradients"}
-
-
-def _sv_field_arg(field: str) -> str:
-    return "scale_vector_strategy" if field == "learnable" else f"sv_{field}"
-
-
-def _shape_fields():
-    from megatron_sv.models.gpt.model import GPTShape
-
-    return dataclasses.fields(GPTShape)
-
-
-def _sv_fields():
-    from megatron_sv.scale_vectors.config import ScaleVectorConfig
-
-    return dataclasses.fields(ScaleVectorConfig)
+# One declaration of what a checkpoint's model is: the typed configs themselves. Every declared field of
+# GPTShape (the model's shape) and of ScaleVectorConfig (the method) is saved under its key, rebuilt from
+# saved args, and compared on resume and conversion, except the fields whose Flag says why they do not
+# define the model (not_defining); a new field is therefore checked without touching any list
+# (tests/checkpointing/test_model_args.py keeps this honest).
+SHAPE_FIELDS_NOT_DEFINING = {d.name: d.flag.not_defining for d in fields_of(GPTShape) if d.flag.not_defining}
+SV_FIELDS_NOT_DEFINING = {d.name: d.flag.not_defining for d in fields_of(ScaleVectorConfig) if d.flag.not_defining}
+# saved with the shape, not a field of it: whether --num-query-groups counts
+GQA_KEY = "group_query_attention"
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 
 
 def shape_keys() -> Tuple[str, ...]:
     """The saved-args keys that rebuild the model's shape."""
-    return tuple(SHAPE_FIELD_ARG.get(f.name, f.name) for f in _shape_fields()) + ("group_query_attention",)
+    return tuple(d.key for d in fields_of(GPTShape)) + (GQA_KEY,)
 
 
 def sv_keys() -> Tuple[str, ...]:
     """The saved-args keys that rebuild the scale-vector configuration (strategy plus --sv-* overrides)."""
-    return tuple(dict.fromkeys(_sv_field_arg(f.name) for f in _sv_fields()))
-
-
-LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
-
-
-def _flag(arg: str) -> str:
-    return "--" + arg.replace("_", "-")
+    return tuple(dict.fromkeys(d.key for d in fields_of(ScaleVectorConfig)))
 
 
 def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """'--flag: checkpoint X, now Y' for every model- or method-defining value that differs, compared on
     the resolved typed configs (so a default spelled out equals the default left implicit)."""
-    theirs, ours = shape_from_args(saved), shape_from_args(current)
+    theirs, ours = shape_from_args(saved).resolved(), shape_from_args(current).resolved()
     out = []
-    for f in _shape_fields():
-        if f.name in SHAPE_FIELDS_NOT_DEFINING:
+    for d in fields_of(GPTShape):
+        if d.flag.not_defining:
             continue
-        a, b = _resolved(theirs, f.name), _resolved(ours, f.name)
+        a, b = getattr(theirs, d.name), getattr(ours, d.name)
         if a != b:
-            arg = SHAPE_FIELD_ARG.get(f.name, f.name)
-            flag = (
-                "padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)"
-                if arg == "padded_vocab_size"
-                else _flag(arg)
-            )
+            flag = d.flag.help if d.flag.derived else d.option
             out.append(f"{flag}: checkpoint {a!r}, now {b!r}")
     sv_theirs, sv_ours = sv_config_from_args(saved), sv_config_from_args(current)
-    for f in _sv_fields():
-        if f.name in SV_FIELDS_NOT_DEFINING:
+    for d in fields_of(ScaleVectorConfig):
+        if d.flag.not_defining:
             continue
-        a, b = getattr(sv_theirs, f.name), getattr(sv_ours, f.name)
+        a, b = getattr(sv_theirs, d.name), getattr(sv_ours, d.name)
         if a != b:
-            flag = _flag(_sv_field_arg(f.name))
-            if f.name == "learnable":
+            if d.name == "learnable":
                 a, b = saved.get("scale_vector_strategy"), current.get("scale_vector_strategy")
-            out.append(f"{flag}: checkpoint {a!r}, now {b!r} (scale-vector switch {f.name})")
+            out.append(f"--{d.key.replace('_', '-')}: checkpoint {a!r}, now {b!r} (scale-vector switch {d.name})")
     return out
-
-
-def _resolved(shape, name: str):
-    if name == "ffn_hidden_size":
-        return shape.resolved_ffn_hidden_size()
-    if name == "max_position_embeddings":
-        return shape.max_position_embeddings or shape.seq_length
-    if name == "num_query_groups":
-        return shape.num_query_groups or shape.num_attention_heads
-    return getattr(shape, name)
 
 
 def read_checkpoint_args(root: str) -> Tuple[int, Dict[str, Any]]:
     """(iteration, saved args) of the checkpoint the tracker in ``root`` names. Raises CheckpointError
     when there is none or it carries no model args."""
-    from megatron_sv.checkpointing.dist import load_common
-
     if not os.path.isdir(root):
         raise CheckpointError(f"{root!r} does not exist or is not a directory")
     iteration = read_tracker(root)
@@ -120,40 +80,29 @@ def read_checkpoint_args(root: str) -> Tuple[int, Dict[str, Any]]:
 
 
 def load_common_state(root: str, iteration: int) -> Dict[str, Any]:
-    from megatron_sv.checkpointing.dist import load_common
-
     return load_common(root, iteration)
 
 
-def shape_from_args(args: Dict[str, Any]):
+def shape_from_args(args: Dict[str, Any]) -> GPTShape:
     """The GPTShape a checkpoint was made with (every field from its saved-args key; a key that an older
     checkpoint lacks takes the field's default)."""
-    from megatron_sv.models.gpt.model import GPTShape
-
-    a = dict(args)
-    if a.get("padded_vocab_size") is None:
-        raise CheckpointError("the checkpoint's args have no padded_vocab_size")
-    values = {}
-    for f in _shape_fields():
-        key = SHAPE_FIELD_ARG.get(f.name, f.name)
-        if key in a and a[key] is not None:
-            values[f.name] = a[key]
-        elif f.default is dataclasses.MISSING:
-            raise CheckpointError(f"the checkpoint's args have no {key}")
-    if not a.get("group_query_attention"):
-        values.pop("num_query_groups", None)
-    return GPTShape(**values)
+    try:
+        return GPTShape.from_saved(args)
+    except KeyError as e:
+        raise CheckpointError(f"the checkpoint's args have no {e.args[0]}") from None
 
 
-def sv_config_from_args(args: Dict[str, Any]):
-    from megatron_sv.scale_vectors.config import strategy_config
+def sv_config_from_args(args: Dict[str, Any]) -> ScaleVectorConfig:
+    return config_from_saved(args)
 
-    overrides = {f.name: args.get(_sv_field_arg(f.name)) for f in _sv_fields() if f.name != "learnable"}
-    return strategy_config(args.get("scale_vector_strategy", "standard"), **overrides)
+
+def sv_overrides_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The --sv-* overrides a checkpoint was trained with (switch name -> value)."""
+    return preset_overrides(args)
 
 
 def args_for_model(
-    shape,
+    shape: GPTShape,
     strategy: str,
     sv_overrides: Optional[Dict[str, Any]] = None,
     layout: Optional[Dict[str, int]] = None,
@@ -161,18 +110,14 @@ def args_for_model(
 ) -> Dict[str, Any]:
     """Saved args (plain types) describing ``shape`` and the strategy, in the training CLI's names."""
     ov = sv_overrides or {}
-    gqa = shape.num_query_groups is not None and shape.num_query_groups != shape.num_attention_heads
-    out: Dict[str, Any] = {SHAPE_FIELD_ARG.get(f.name, f.name): getattr(shape, f.name) for f in _shape_fields()}
-    out.update(
-        ffn_hidden_size=shape.resolved_ffn_hidden_size(),
-        group_query_attention=gqa,
-        num_query_groups=shape.num_query_groups if gqa else None,
-        max_position_embeddings=shape.max_position_embeddings or shape.seq_length,
-        scale_vector_strategy=strategy,
-    )
-    for f in _sv_fields():
-        if f.name != "learnable":
-            out[_sv_field_arg(f.name)] = ov.get(f.name)
+    resolved = shape.resolved()
+    gqa = resolved.num_query_groups != shape.num_attention_heads
+    out: Dict[str, Any] = to_saved(resolved)
+    out.update({GQA_KEY: gqa, "num_query_groups": resolved.num_query_groups if gqa else None})
+    out["scale_vector_strategy"] = strategy
+    for d in fields_of(ScaleVectorConfig):
+        if not d.flag.derived:
+            out[d.key] = ov.get(d.name)
     for k in LAYOUT_KEYS:
         out[k] = (layout or {}).get(k, 1)
     out.update(extra)
@@ -181,34 +126,12 @@ def args_for_model(
 
 def pretrain_flags(args: Dict[str, Any]) -> str:
     """The pretrain_gpt_sv.py model flags that rebuild the model a checkpoint holds."""
-    flags = [
-        f"--num-layers {args['num_layers']}",
-        f"--hidden-size {args['hidden_size']}",
-        f"--ffn-hidden-size {args['ffn_hidden_size']}",
-        f"--num-attention-heads {args['num_attention_heads']}",
-        f"--seq-length {args['seq_length']}",
-        f"--max-position-embeddings {args['max_position_embeddings']}",
-        f"--normalization {args['normalization']}",
-        f"--norm-epsilon {args['norm_epsilon']}",
-        f"--position-embedding-type {args['position_embedding_type']}",
-        f"--scale-vector-strategy {args['scale_vector_strategy']}",
-    ]
-    if args["position_embedding_type"] == "rope":  # the flag is refused for other position embeddings
-        flags.append(f"--rotary-base {args['rotary_base']}")
-    if args.get("group_query_attention"):
-        flags.append(f"--group-query-attention --num-query-groups {args['num_query_groups']}")
-    for key in ("swiglu", "untie_embeddings_and_output_weights", "qk_layernorm", "sv_post_sublayer_norm"):
-        if args.get(key):
-            flags.append("--" + key.replace("_", "-"))
-    if args.get("num_experts"):
-        flags.append(f"--num-experts {args['num_experts']} --moe-router-topk {args['moe_router_topk']}")
-        if args.get("moe_ffn_hidden_size"):
-            flags.append(f"--moe-ffn-hidden-size {args['moe_ffn_hidden_size']}")
-    for key in ("sv_placement", "sv_reparam", "sv_weight_decay_policy", "sv_final_norm_role"):
-        if args.get(key) is not None:
-            flags.append(f"--{key.replace('_', '-')} {args[key]}")
-    if args.get("sv_branch_specific") is not None:
-        flags.append("--sv-branch-specific" if args["sv_branch_specific"] else "--no-sv-branch-specific")
-    for key in LAYOUT_KEYS:
-        flags.append(f"--{key.replace('_', '-')} {args.get(key, 1)}")
+    flags = command_line(GPTShape, args)
+    if args.get(GQA_KEY):
+        flags.insert(0, "--group-query-attention")
+    else:
+        flags = [f for f in flags if not f.startswith("--num-query-groups ")]
+    flags.append(f"--scale-vector-strategy {args['scale_vector_strategy']}")
+    flags += command_line(ScaleVectorConfig, args)
+    flags += [f"--{key.replace('_', '-')} {args.get(key, 1)}" for key in LAYOUT_KEYS]
     return " ".join(flags)

@@ -24,6 +24,7 @@ import pickle
 from typing import Any, Dict
 
 import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_sv.checkpointing.layout import CheckpointError
 
@@ -101,8 +102,6 @@ def load_weights_only(path: str, data: Any = None) -> Any:
 def verify_checkpoint_files(ckpt: str) -> Dict[str, Any]:
     """Check every pickled file of the dist-checkpoint ``ckpt`` and that the tensor files are as long as
     the metadata says. Returns the common state (common.pt). Raises CheckpointError naming the file."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     metadata = read_dcp_metadata(ckpt)
     storage = getattr(metadata, "storage_data", None) or {}
     sizes: Dict[str, int] = {}

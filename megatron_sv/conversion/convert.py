@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,11 +20,22 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_sv.checkpointing.model_io import (
+    args_for_model,
+    load_common_state,
+    pretrain_flags,
+    read_checkpoint_args,
+    shape_from_args,
+    sv_config_from_args,
+    sv_overrides_from_args,
+)
 from megatron_sv.conversion import canonical as C
 from megatron_sv.conversion import hf as H
 from megatron_sv.conversion import megatron_model as M
 from megatron_sv.conversion import tokenizer as T
 from megatron_sv.conversion.canonical import Branch, ConversionError, LayerState, NormGroup
+from megatron_sv.models.gpt.shape import layout_problems, padded_vocab_size
+from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
 
 Log = Callable[[str], None]
 
@@ -92,29 +102,8 @@ class _Staging:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
-    m = divisible_by * tp
-    return int(math.ceil(vocab / m) * m)
-
-
 def check_target_layout(shape, tp: int, pp: int, ep: int) -> None:
-    problems = []
-    groups = shape.num_query_groups or shape.num_attention_heads
-    if min(tp, pp, ep) < 1:
-        problems.append("parallel sizes must be >= 1")
-    if shape.num_attention_heads % tp or groups % tp:
-        problems.append(f"{shape.num_attention_heads} heads / {groups} query groups are not divisible by TP {tp}")
-    if shape.vocab_size % tp:
-        problems.append(f"padded vocabulary {shape.vocab_size} is not divisible by TP {tp}")
-    ffn = shape.moe_ffn_hidden_size or shape.resolved_ffn_hidden_size()
-    if ffn % tp:
-        problems.append(f"ffn hidden size {ffn} is not divisible by TP {tp}")
-    if shape.num_layers % pp:
-        problems.append(f"{shape.num_layers} layers are not divisible by PP {pp}")
-    if ep > 1 and not shape.num_experts:
-        problems.append("EP > 1 needs an MoE model")
-    if shape.num_experts and shape.num_experts % ep:
-        problems.append(f"{shape.num_experts} experts are not divisible by EP {ep}")
+    problems = layout_problems(shape, tp, pp, ep, check_vocab=True)
     if problems:
         raise ConversionError(
             "target layout TP {} / PP {} / EP {} does not fit the model: {}".format(tp, pp, ep, "; ".join(problems))
@@ -166,13 +155,6 @@ def export_to_hf(
 ) -> Dict:
     """``tokenizer_model``: the tokenizer to write beside the model (default: the one the checkpoint was
     trained with); ``with_tokenizer=False`` writes the model alone."""
-    from megatron_sv.checkpointing.model_io import (
-        load_common_state,
-        read_checkpoint_args,
-        shape_from_args,
-        sv_config_from_args,
-    )
-
     check_output_dir(out, overwrite, source=load)
     iteration, args = read_checkpoint_args(load)
     shape, sv = shape_from_args(args), sv_config_from_args(args)
@@ -387,9 +369,6 @@ def import_from_hf(
     overwrite: bool = False,
     log: Log = print,
 ) -> Dict:
-    from megatron_sv.checkpointing.model_io import args_for_model, pretrain_flags
-    from megatron_sv.scale_vectors.config import STRATEGIES, strategy_config
-
     check_output_dir(out, overwrite, source=hf_dir)
     hf = H.read_hf_config(hf_dir)
     reader = H.SafetensorsReader(hf_dir)
@@ -503,36 +482,12 @@ def convert_megatron(
     overwrite: bool = False,
     log: Log = print,
 ) -> Dict:
-    from megatron_sv.checkpointing.model_io import (
-        args_for_model,
-        load_common_state,
-        pretrain_flags,
-        read_checkpoint_args,
-        shape_from_args,
-        sv_config_from_args,
-    )
-    from megatron_sv.scale_vectors.config import strategy_config
-
     check_output_dir(out, overwrite, source=load)
     iteration, src_args = read_checkpoint_args(load)
     common = load_common_state(load, iteration)
     src_shape, src_sv = shape_from_args(src_args), sv_config_from_args(src_args)
     dst_strategy = strategy or src_args.get("scale_vector_strategy", "standard")
-    overrides = (
-        _sv_overrides(sv_overrides)
-        if strategy or sv_overrides
-        else {
-            k[3:]: src_args.get(k)
-            for k in (
-                "sv_branch_specific",
-                "sv_placement",
-                "sv_reparam",
-                "sv_weight_decay_policy",
-                "sv_final_norm_role",
-            )
-            if src_args.get(k) is not None
-        }
-    )
+    overrides = _sv_overrides(sv_overrides) if strategy or sv_overrides else sv_overrides_from_args(src_args)
     dst_sv = strategy_config(dst_strategy, **overrides)
     divisible = make_vocab_size_divisible_by or src_args.get("make_vocab_size_divisible_by") or 128
     true_vocab = (

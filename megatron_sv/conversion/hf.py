@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_sv.conversion.canonical import ConversionError
+from megatron_sv.models.gpt.shape import GPTShape
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 REFUSED_MODEL_TYPES = {
@@ -129,9 +130,7 @@ def _hf_model(c: dict, path: str) -> HFModel:
     )
 
 
-def shape_for(hf: HFModel, padded_vocab: int, seq_length: int):
-    from megatron_sv.models.gpt.model import GPTShape
-
+def shape_for(hf: HFModel, padded_vocab: int, seq_length: int) -> GPTShape:
     return GPTShape(
         num_layers=hf.num_layers,
         hidden_size=hf.hidden_size,
@@ -160,7 +159,7 @@ class SafetensorsReader:
     """Lazy access to the tensors of a Hugging Face model directory (single file or sharded + index)."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from safetensors import safe_open  # noqa: PLC0415 - the [hf] extra, only for Hugging Face files
 
         single = os.path.join(path, "model.safetensors")
         index = os.path.join(path, "model.safetensors.index.json")
@@ -318,7 +317,7 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # noqa: PLC0415 - the [hf] extra, only for Hugging Face files
 
         if not self.pending:
             return

@@ -9,11 +9,17 @@ check both directions). The target layout only decides the vocabulary padding an
 from __future__ import annotations
 
 import os
+import socket
 from typing import Dict, Iterator, Optional, Set
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
+from megatron_sv.checkpointing import load_checkpoint, save_checkpoint
 from megatron_sv.conversion.canonical import Branch, ConversionError, LayerState, NormGroup
+from megatron_sv.models.gpt.model import ParallelLayout, build_gpt_model, transformer_config
+from megatron_sv.platform import initialize_distributed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -21,11 +27,6 @@ from megatron_sv.conversion.canonical import Branch, ConversionError, LayerState
 # ----------------------------------------------------------------------------------------------------
 def ensure_single_process() -> None:
     """Megatron-Core parallel state for one rank (TP=PP=EP=1), created when absent."""
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise ConversionError(
@@ -33,8 +34,6 @@ def ensure_single_process() -> None:
                 "torchrun / several ranks (any target layout is produced by one process)"
             )
         if not parallel_state.model_parallel_is_initialized():
-            from megatron_sv.platform import initialize_distributed
-
             initialize_distributed(seed=0)
         elif (
             parallel_state.get_tensor_model_parallel_world_size() != 1
@@ -51,15 +50,12 @@ def ensure_single_process() -> None:
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from megatron_sv.platform import initialize_distributed
 
     initialize_distributed(seed=0)
 
 
 def build_model(shape, sv):
     """The full model on this single rank, without random initialization (every tensor is written)."""
-    from megatron_sv.models.gpt.model import ParallelLayout, build_gpt_model, transformer_config
-
     ensure_single_process()
     config = transformer_config(shape, ParallelLayout(), perform_initialization=False)
     model = build_gpt_model(shape, sv, config, pre_process=True, post_process=True, init_seed=0)
@@ -71,8 +67,6 @@ def build_model(shape, sv):
 
 def load_model_checkpoint(root: str, model) -> Dict:
     """Load the tracker's checkpoint (model weights only) into ``model``; returns the common state."""
-    from megatron_sv.checkpointing import load_checkpoint
-
     state = load_checkpoint(root, [model], optimizer=None, scheduler=None, load_rng=False, log=lambda s: None)
     if state is None:
         raise ConversionError(f"{root!r} holds no checkpoint")
@@ -80,8 +74,6 @@ def load_model_checkpoint(root: str, model) -> Dict:
 
 
 def save_model_checkpoint(root: str, iteration: int, model, extra: Dict) -> str:
-    from megatron_sv.checkpointing import save_checkpoint
-
     return save_checkpoint(root, iteration, [model], optimizer=None, scheduler=None, extra=extra, log=lambda s: None)
 
 

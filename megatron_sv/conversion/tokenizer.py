@@ -86,7 +86,7 @@ class TokenizerSource:
 
 def load_hf_tokenizer(source: TokenizerSource):
     """The tokenizer as a transformers fast tokenizer."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415 - the [hf] extra, only when a tokenizer is exported
 
     if source.tokenizer_type == "HuggingFaceTokenizer":
         if os.path.isdir(source.path):
@@ -97,10 +97,10 @@ def load_hf_tokenizer(source: TokenizerSource):
 
 def sentencepiece_to_hf(model_file: str):
     """A transformers fast tokenizer that encodes and decodes exactly like the sentencepiece model."""
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter
+    import sentencepiece  # noqa: PLC0415 - only when a sentencepiece tokenizer is exported (with the [hf] extra)
+    from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415 - as above
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - as above
+    from transformers.convert_slow_tokenizer import SpmConverter  # noqa: PLC0415 - as above
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_file, "rb") as f:

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Dict, Optional, TextIO
 
 from megatron_sv.data.corpus import write_stdlib_corpus
+from megatron_sv.data.indexed import is_valid_indexed_dataset
 from megatron_sv.data.preprocess import iter_input_texts, preprocess
 from megatron_sv.data.sentencepiece_training import train_sentencepiece
 
@@ -81,8 +82,6 @@ def prepare_default_corpus(
         print(f"[prepare] trained {model}: vocab {result.vocab_size} on {result.num_lines_used} lines", file=log)
         rebuilt = True
     manifest["tokenizer"] = {"params": params, "sizes": _sizes([model])}
-
-    from megatron_sv.data.indexed import is_valid_indexed_dataset
 
     doc_prefix = data_prefix + "_text_document"
     files = [doc_prefix + ".bin", doc_prefix + ".idx"]

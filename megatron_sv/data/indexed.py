@@ -46,7 +46,7 @@ def check_outputs_free(prefixes: Sequence[str], overwrite: bool) -> None:
 
 class _Writer:
     def __init__(self, prefix: str, dtype):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: PLC0415 - megatron.core only when a dataset is written
 
         self.prefix = prefix
         tag = uuid.uuid4().hex[:8]
@@ -112,7 +112,7 @@ def is_valid_indexed_dataset(prefix: str) -> bool:
     if not all(os.path.isfile(p) for p in output_paths(prefix)):
         return False
     try:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: PLC0415 - megatron.core only when one is read
 
         ds = IndexedDataset(prefix, mmap=False)
         expected = int(ds.sequence_lengths.sum()) * numpy.dtype(ds.index.dtype).itemsize

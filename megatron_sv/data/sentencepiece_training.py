@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
+import sentencepiece
+
 # Text the trained model must reproduce exactly after encode/decode.
 ROUND_TRIP_PROBE = (
     "def f(x):\n\tif x  >  1:\r\n        return 'é✓ \u00a0中'  # trailing   \n\n\n  \nclass A:\n    pass\n"
@@ -59,8 +61,6 @@ def train_sentencepiece(
     After training, the model must round-trip `ROUND_TRIP_PROBE` and every text in `verify_texts`
     exactly, else ValueError.
     """
-    import sentencepiece
-
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} too small: byte fallback alone needs 256 + 5 pieces")
     if input_sentence_size <= 0:

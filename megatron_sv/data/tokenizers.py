@@ -33,6 +33,8 @@ Megatron-Core's own classes were not adopted because they would change speed or 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -115,7 +117,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model; eod is the model's eos piece (Megatron's GPTSentencePieceTokenizer)."""
 
     def __init__(self, model_file: str):
-        import sentencepiece
+        import sentencepiece  # noqa: PLC0415 - the library of the tokenizer built; the flag validation imports this module light
 
         _require_file(model_file, "--tokenizer-model (a .model file)", "SentencePieceTokenizer")
         self.build_args = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": model_file}
@@ -210,11 +212,11 @@ class HuggingFaceTokenizer(_TransformersTokenizer):
         self._path = path
         try:
             if os.path.isdir(path):
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # noqa: PLC0415 - the [hf] extra, only for this tokenizer
 
                 self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             else:
-                from transformers import PreTrainedTokenizerFast
+                from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - the [hf] extra, only for this tokenizer
 
                 self._tok = PreTrainedTokenizerFast(tokenizer_file=path)
         except Exception as e:  # transformers raises many types for unreadable files
@@ -248,10 +250,8 @@ class GPT2BPETokenizer(_TransformersTokenizer):
             "merge_file": merge_file,
         }
         self._files = (vocab_file, merge_file)
-        import inspect
-        import json
 
-        from transformers import GPT2TokenizerFast
+        from transformers import GPT2TokenizerFast  # noqa: PLC0415 - the [hf] extra, only for this tokenizer
 
         try:
             with open(vocab_file, encoding="utf-8") as f:

@@ -38,7 +38,7 @@ class IndexHeader:
 
 
 def read_index_header(prefix: str) -> IndexHeader:
-    from megatron.core.datasets.indexed_dataset import DType
+    from megatron.core.datasets.indexed_dataset import DType  # noqa: PLC0415 - megatron.core only when an index is read
 
     path = prefix + ".idx"
     size = os.path.getsize(path)

@@ -321,7 +321,7 @@ def patch_float16_optimizer_init():
 # RNG: a CPU tracker installed as megatron's get_cuda_rng_tracker()
 # ---------------------------------------------------------------------------------------------
 def _cpu_rng_tracker_class():
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker  # noqa: PLC0415 - megatron.core loads with the patch that needs it
 
     class CpuRNGStatesTracker(CudaRNGStatesTracker):
         """megatron's tracker with the CPU generator in place of the CUDA one, so that
@@ -395,8 +395,8 @@ def patch_initialize_rng_tracker():
 def cpu_model_parallel_manual_seed(seed: int) -> None:
     """CPU counterpart of megatron's model_parallel_cuda_manual_seed: the same three named
     states (data-parallel, model-parallel, expert-parallel) with the same seed offsets."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random
+    from megatron.core import parallel_state  # noqa: PLC0415 - as above
+    from megatron.core.tensor_parallel import random  # noqa: PLC0415 - as above
 
     patch_initialize_rng_tracker()
     tracker = random.get_cuda_rng_tracker()
@@ -465,7 +465,7 @@ def install_cpu_adapter(force: bool = False) -> None:
 def install_no_te_fixes() -> None:
     """Fixes for megatron-core bugs that show whenever Transformer Engine is not installed."""
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401, PLC0415 - probe
 
         return
     except ImportError:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
+from megatron.core import parallel_state, tensor_parallel
 
+from megatron_sv.platform import cpu_adapter
+from megatron_sv.platform.cpu_adapter import cpu_model_parallel_manual_seed
 from megatron_sv.platform.device import select_backend
 from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
 
@@ -82,8 +88,6 @@ def initialize_distributed(
     process group and Megatron's model-parallel groups, and seeds the RNG tracker when
     ``seed`` is given.
     """
-    from megatron.core import parallel_state
-
     launch = read_launch_env()
     validate_parallel_sizes(
         launch.world_size,
@@ -94,7 +98,6 @@ def initialize_distributed(
         expert_tensor_parallel_size,
     )
     backend, device = select_backend()
-    from megatron_sv.platform import cpu_adapter
 
     cpu_adapter.install_no_te_fixes()
     if device == "cuda":
@@ -133,8 +136,6 @@ def initialize_distributed(
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -142,27 +143,17 @@ def _free_port() -> int:
 
 def set_seed(seed: int) -> None:
     """Seed python/numpy/torch and Megatron's RNG tracker (CUDA tracker on GPU, CPU tracker on CPU)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if select_backend()[1] == "cuda":
-        from megatron.core import tensor_parallel
-
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        from megatron_sv.platform.cpu_adapter import cpu_model_parallel_manual_seed
-
         cpu_model_parallel_manual_seed(seed)
 
 
 def destroy_distributed() -> None:
     """Tear down Megatron's parallel state and the default process group."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
+
+from megatron_sv.config_fields import declared, fields_of
 
 Placement = Literal["input", "dual", "dual_norm"]
 Reparam = Literal["none", "or", "er"]
 WeightDecayPolicy = Literal["megatron", "all", "none", "iwd"]
 Role = Literal["input", "output"]
 
-PLACEMENTS = ("input", "dual", "dual_norm")
-REPARAMS = ("none", "or", "er")
-WEIGHT_DECAY_POLICIES = ("megatron", "all", "none", "iwd")
-ROLES = ("input", "output")
+PLACEMENTS = get_args(Placement)
+REPARAMS = get_args(Reparam)
+WEIGHT_DECAY_POLICIES = get_args(WeightDecayPolicy)
+ROLES = get_args(Role)
 
 
 @dataclass(frozen=True)
@@ -37,15 +39,64 @@ class ScaleVectorConfig:
         write-up calls it an Output-Norm, hence overridable.
     """
 
-    learnable: bool = True
-    branch_specific: bool = False
-    placement: Placement = "input"
-    reparam: Reparam = "none"
-    weight_decay_policy: WeightDecayPolicy = "megatron"
-    final_norm_role: Role = "input"
+    learnable: bool = declared(
+        True, derived=True, key="scale_vector_strategy", group="scale vectors", help="False: strategy none"
+    )
+    branch_specific: bool = declared(
+        False,
+        key="sv_branch_specific",
+        group="scale vectors",
+        switch=True,
+        override=True,
+        help="override the preset: one input-side vector per branch (HG) "
+        "(default: as the preset of --scale-vector-strategy)",
+    )
+    placement: Placement = declared(
+        "input",
+        key="sv_placement",
+        group="scale vectors",
+        override=True,
+        help="override the preset: input side only, dual (DP) or dual with normalization (DNP) "
+        "(default: as the preset)",
+    )
+    reparam: Reparam = declared(
+        "none",
+        key="sv_reparam",
+        group="scale vectors",
+        override=True,
+        help="override the preset: plain vectors, OR or ER magnitude-direction form (default: as the preset)",
+    )
+    weight_decay_policy: WeightDecayPolicy = declared(
+        "megatron",
+        key="sv_weight_decay_policy",
+        group="scale vectors",
+        override=True,
+        applies=lambda a: a.scale_vector_strategy != "none",
+        needs="learnable scale vectors (not --scale-vector-strategy none)",
+        help="override the preset: which scale vectors get weight decay (default: as the preset)",
+    )
+    final_norm_role: Role = declared(
+        "input",
+        key="sv_final_norm_role",
+        group="scale vectors",
+        override=True,
+        applies=lambda a: (a.sv_weight_decay_policy or _preset_policy(a.scale_vector_strategy)) == "iwd",
+        needs="--sv-weight-decay-policy iwd (roles only choose weight decay)",
+        help="override the final norm's role for weight decay (default: input, an Input-Norm)",
+    )
     # Performance switch, not part of the method: fold W_eff once per optimizer step instead of once per
     # micro-batch (faster with several micro-batches; costs two weight-sized buffers per folded linear).
-    fold_once_per_step: bool = False
+    fold_once_per_step: bool = declared(
+        False,
+        key="sv_fold_once_per_step",
+        group="scale vectors",
+        switch=True,
+        not_defining="where the fold runs; the same function and gradients",
+        help="fp32: cache every folded linear's W_eff once per optimizer step (one weight-sized "
+        "fp32 buffer per folded linear during forward/backward) instead of letting the cost "
+        "model choose per layer; under --bf16 weights are always folded once per step, at "
+        "the optimizer's master->model copy, at no memory cost (docs/performance.md)",
+    )
 
     def __post_init__(self):
         _check_choice("placement", self.placement, PLACEMENTS)
@@ -109,8 +160,29 @@ STRATEGIES: dict[str, ScaleVectorConfig] = {
 }
 
 
+def _preset_policy(strategy: str) -> str:
+    preset = STRATEGIES.get(strategy)
+    return preset.weight_decay_policy if preset is not None else ""
+
+
 def strategy_config(name: str, **overrides: Optional[object]) -> ScaleVectorConfig:
     """The preset called ``name`` with single switches overridden (``None`` means keep the preset)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown --scale-vector-strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[name].with_overrides(**overrides)
+
+
+def config_from_saved(saved) -> ScaleVectorConfig:
+    """The method that saved arguments (a checkpoint's, or the resolved flags) describe: the strategy's preset
+    with the --sv-* overrides they hold."""
+    overrides = {d.name: saved.get(d.key) for d in fields_of(ScaleVectorConfig) if not d.flag.derived}
+    return strategy_config(saved.get("scale_vector_strategy", "standard"), **overrides)
+
+
+def preset_overrides(saved) -> dict:
+    """The --sv-* overrides (switch name -> value) that saved arguments hold, None left out."""
+    return {
+        d.name: saved.get(d.key)
+        for d in fields_of(ScaleVectorConfig)
+        if d.flag.override and saved.get(d.key) is not None
+    }

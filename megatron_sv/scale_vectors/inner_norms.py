@@ -192,7 +192,7 @@ def compiler_available(device_type: str) -> bool:
     """torch.compile needs Triton for CUDA tensors and a C++ compiler for CPU tensors."""
     if device_type == "cuda":
         try:
-            import triton  # noqa: F401  (probe only)
+            import triton  # noqa: F401, PLC0415 - probe only
         except ImportError:
             return False
         return True

@@ -11,6 +11,8 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .config import Role, ScaleVectorConfig
 from .tp_ops import sum_grad_over_tp
@@ -21,8 +23,6 @@ InputSplit = Literal["none", "sequence", "heads"]
 
 
 def default_tp_group() -> Optional[dist.ProcessGroup]:
-    from megatron.core import parallel_state
-
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_group()
     return None
@@ -115,8 +115,6 @@ class ScaledNorm(torch.nn.Module):
         return y
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         out = {}
         if self.scale is not None:
             out.update(self.scale.sharded_state_dict(f"{prefix}scale.", sharded_offsets, metadata))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .config import ScaleVectorConfig
 from .folding import FoldLayout, fold_into_weight
@@ -50,8 +51,6 @@ class ScaledTopKRouter(TopKRouter):
         return router_gating_linear(input, weight, self.bias, router_dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
         kwargs = {"dp_cp_group": metadata["dp_cp_group"]} if metadata and "dp_cp_group" in metadata else {}
         tp_group = getattr(self, "tp_group", None)

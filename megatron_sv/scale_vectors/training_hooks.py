@@ -18,6 +18,10 @@ run, and every module that needs to act at that point implements the matching me
   Modules: ``sv_after_parameters_changed(optimizer)``.
 * ``checkpoint_tensors(chunks, optimizer)``: {id(model parameter): tensor to save in its place}, so that
   checkpoints hold W and the vectors, never a folded W_eff (collective).
+
+What training needs to know about the method besides these points is here too: the optimizer's
+parameter-group overrides (weight decay per vector), the fold policy, and the reports (parameter groups,
+fold plans, per-vector statistics).
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from .config import ScaleVectorConfig
 from .generation import bump, parameters_generation  # noqa: F401  (parameters_generation: public API)
-from .step_fold import FoldPolicy, StepFolder, attach
+from .param_groups import format_param_group_table, param_group_table, scale_vector_config_overrides
+from .stats import parameter_report, scale_vector_statistics
+from .step_fold import FOLD_COST_PER_TOKEN, FoldPolicy, StepFolder, attach
 
 _FOLDER_ATTR = "sv_step_folder"  # the StepFolder lives on the optimizer it wraps
 
@@ -86,3 +93,53 @@ def wrap_finalize(finalize_fn, chunks):
         return finalize_fn(*args, **kwargs)
 
     return finalize_after_gradients_ready
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def optimizer_overrides(sv: ScaleVectorConfig):
+    """``get_megatron_optimizer(config_overrides=...)``: the scale vectors' weight-decay groups."""
+    return scale_vector_config_overrides(sv)
+
+
+def fold_policy(
+    fold_once_per_step: bool, tokens_per_micro_batch: int, micro_batches_per_step: int, device_type: str
+) -> FoldPolicy:
+    """--sv-fold-once-per-step caches every fp32 fold; otherwise a cost model for this device chooses."""
+    return FoldPolicy(
+        mode="step" if fold_once_per_step else "auto",
+        tokens_per_micro_batch=tokens_per_micro_batch,
+        micro_batches_per_step=micro_batches_per_step,
+        fold_cost_per_token=FOLD_COST_PER_TOKEN.get(device_type, FOLD_COST_PER_TOKEN["cuda"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+_PLAN_NAMES = {
+    "master": "folded at the master->model copy once per step",
+    "cached": "cached fold once per step",
+    "micro_batch": "folded per micro-batch",
+}
+
+
+def describe_folds(optimizer) -> str:
+    """Where the folded linears fold, e.g. "4 cached fold once per step" ("none" without folded linears)."""
+    folder = _folder(optimizer)
+    plans = folder.plans() if folder is not None else {}
+    return ", ".join(f"{n} {_PLAN_NAMES[k]}" for k, n in sorted(plans.items())) or "none"
+
+
+def describe_parameters(sv: ScaleVectorConfig, chunks, weight_decay: float) -> str:
+    """The parameter groups (weight decay per kind) and the parameter counts of this rank's shard."""
+    rows = param_group_table(sv, chunks, weight_decay)
+    return (
+        "parameter groups (rank 0's shard):\n"
+        + format_param_group_table(rows)
+        + "\n"
+        + str(parameter_report(chunks))
+        + " (rank 0's shard)"
+    )
+
+
+def vector_statistics(chunks) -> Dict[str, float]:
+    """Per-vector statistics of this rank's vectors, keyed "layer<i>/<vector>/<stat>" (local layer numbers)."""
+    return scale_vector_statistics(chunks)

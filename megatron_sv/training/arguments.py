@@ -1,9 +1,10 @@
 """Command line of pretrain_gpt_sv.py: Megatron-LM's flag names plus the scale-vector flags.
 
-``parse_args`` reads the flags; ``validate_args`` checks everything that can be checked before any
-process group, model or dataset exists (flag combinations, divisibility, files, checkpoint
-directories) and fills in derived values (data-parallel size, micro-batches per step, padded
-vocabulary). Every problem raises ``ArgumentError`` with a message that names the flag.
+``parse_args`` reads the flags (the model's and the method's come from their declarations, GPTShape and
+ScaleVectorConfig); ``validate_args`` checks everything that can be checked before any process group,
+model or dataset exists (flag combinations, divisibility, files, checkpoint directories) and returns a
+``TrainingConfig`` (training/config.py) with the derived values (data-parallel size, micro-batches per
+step, ...). Every problem raises ``ArgumentError`` with a message that names the flag.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
+from megatron_sv.checkpointing.layout import CheckpointError, check_free_space, check_load_dir, check_save_dir
+from megatron_sv.config_fields import add_flags, conditional_problems, fill_conditional_defaults, value_problems
+from megatron_sv.data.datasets import check_dataset_files, parse_blend, parse_split
 from megatron_sv.data.tokenizers import TOKENIZER_TYPES
-from megatron_sv.scale_vectors.config import PLACEMENTS, REPARAMS, ROLES, STRATEGIES, WEIGHT_DECAY_POLICIES
+from megatron_sv.models.gpt.shape import GPTShape, default_ffn_hidden_size, layout_problems, shape_problems
+from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
+from megatron_sv.scale_vectors.config import STRATEGIES, ScaleVectorConfig, config_from_saved
+from megatron_sv.training.config import TrainingConfig
+from megatron_sv.training.exits import launch_rank
 
 
 class ArgumentError(ValueError):
@@ -37,29 +45,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def launch_rank() -> int:
-    """This process's global rank as the launcher set it (torchrun: RANK; srun without torchrun: SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the full usage of ~80 flags would bury it; --help shows it), printed by
     rank 0 only: every rank finds the same error."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if launch_rank() == 0 else None)
-
-
-def _bool_pair(g, name: str, help_text: str) -> None:
-    dest = name.replace("-", "_")
-    g.add_argument(
-        f"--{name}",
-        dest=dest,
-        action="store_true",
-        default=None,
-        help=f"{help_text} (default: as the preset of --scale-vector-strategy)",
-    )
-    g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"turn off --{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,113 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=_HelpFormatter,
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True, help="transformer layers (required)")
-    g.add_argument("--hidden-size", type=int, required=True, help="model width d (required)")
-    g.add_argument(
-        "--ffn-hidden-size",
-        type=int,
-        default=None,
-        help="MLP width (default: 4 x --hidden-size; with --swiglu 8/3 x --hidden-size rounded up to a multiple of 64)",
-    )
-    g.add_argument("--num-attention-heads", type=int, required=True, help="attention heads (required)")
-    g.add_argument("--group-query-attention", action="store_true", help="grouped-query attention (GQA)")
-    g.add_argument(
-        "--num-query-groups",
-        type=int,
-        default=None,
-        help="key/value head groups under --group-query-attention (default: one per head)",
-    )
-    g.add_argument("--seq-length", type=int, required=True, help="tokens per sample (required)")
-    g.add_argument(
-        "--max-position-embeddings",
-        type=int,
-        default=None,
-        help="positions of learned embeddings (default: --seq-length)",
-    )
-    g.add_argument(
-        "--normalization",
-        default="RMSNorm",
-        choices=["RMSNorm", "LayerNorm"],
-        help="the deterministic normalization N(h)",
-    )
-    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every normalization")
-    g.add_argument("--swiglu", action="store_true", help="gated SwiGLU MLP (gate and up branches)")
-    g.add_argument(
-        "--position-embedding-type",
-        default="rope",
-        choices=["rope", "learned_absolute", "none"],
-        help="position encoding",
-    )
-    g.add_argument("--rotary-base", type=int, default=None, help="RoPE base (default: 10000)")
-    g.add_argument(
-        "--untie-embeddings-and-output-weights",
-        action="store_true",
-        help="separate LM-head weight instead of the tied input embedding",
-    )
-    g.add_argument("--qk-layernorm", action="store_true", help="normalize queries and keys per head (QK-norm)")
-    g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init")
-    g.add_argument("--num-experts", type=int, default=None, help="MoE experts per layer (default: dense MLP)")
-    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default: 2)")
-    g.add_argument(
-        "--moe-token-dispatcher-type",
-        default=None,
-        choices=["allgather", "alltoall"],
-        help="MoE token dispatcher (alltoall needs NCCL; default: allgather)",
-    )
-    g.add_argument(
-        "--moe-ffn-hidden-size", type=int, default=None, help="each expert's MLP width (default: --ffn-hidden-size)"
-    )
-    g.add_argument(
-        "--moe-aux-loss-coeff", type=float, default=None, help="load-balancing loss coefficient (default: 0.0)"
-    )
-
-    g = p.add_argument_group("scale vectors")
-    g.add_argument(
+    # the model's and the method's flags come from their one declaration (GPTShape, ScaleVectorConfig)
+    groups = {"model": p.add_argument_group("model"), "scale vectors": p.add_argument_group("scale vectors")}
+    groups["scale vectors"].add_argument(
         "--scale-vector-strategy",
         default="standard",
         choices=list(STRATEGIES),
         help="named preset of the method (docs/method.md); --sv-* flags override single switches",
     )
-    _bool_pair(g, "sv-branch-specific", "override the preset: one input-side vector per branch (HG)")
-    g.add_argument(
-        "--sv-placement",
-        choices=PLACEMENTS,
-        default=None,
-        help="override the preset: input side only, dual (DP) or dual with normalization (DNP) "
-        "(default: as the preset)",
-    )
-    g.add_argument(
-        "--sv-reparam",
-        choices=REPARAMS,
-        default=None,
-        help="override the preset: plain vectors, OR or ER magnitude-direction form (default: as the preset)",
-    )
-    g.add_argument(
-        "--sv-weight-decay-policy",
-        choices=WEIGHT_DECAY_POLICIES,
-        default=None,
-        help="override the preset: which scale vectors get weight decay (default: as the preset)",
-    )
-    g.add_argument(
-        "--sv-final-norm-role",
-        choices=ROLES,
-        default=None,
-        help="override the final norm's role for weight decay (default: input, an Input-Norm)",
-    )
-    g.add_argument(
-        "--sv-post-sublayer-norm",
-        action="store_true",
-        help="add Output-Norms after the attention and MLP sub-layers (Gemma / Peri-LN)",
-    )
-    g.add_argument(
-        "--sv-fold-once-per-step",
-        action="store_true",
-        help="fp32: cache every folded linear's W_eff once per optimizer step (one weight-sized "
-        "fp32 buffer per folded linear during forward/backward) instead of letting the cost "
-        "model choose per layer; under --bf16 weights are always folded once per step, at "
-        "the optimizer's master->model copy, at no memory cost (docs/performance.md)",
-    )
+    add_flags(groups, GPTShape)
+    # selects whether --num-query-groups counts (saved with the shape; GPTShape: num_query_groups None = MHA)
+    groups["model"].add_argument("--group-query-attention", action="store_true", help="grouped-query attention (GQA)")
+    add_flags(groups, ScaleVectorConfig)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
@@ -421,11 +317,6 @@ def world_size_from_env() -> int:
     return 1
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 @dataclass(frozen=True)
 class ConditionalFlag:
     """A flag that means something only when ``applies(args)``: given anywhere else it would be silently
@@ -442,14 +333,9 @@ class ConditionalFlag:
         return self.flag or "--" + self.dest.replace("_", "-")
 
 
+# Megatron-LM's flags that apply only with another one; the model's and the method's are declared with
+# their fields (config_fields.Flag.applies)
 CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
-    ConditionalFlag(
-        "rotary_base", 10000, "--position-embedding-type rope", lambda a: a.position_embedding_type == "rope"
-    ),
-    ConditionalFlag("moe_router_topk", 2, "--num-experts", lambda a: bool(a.num_experts)),
-    ConditionalFlag("moe_token_dispatcher_type", "allgather", "--num-experts", lambda a: bool(a.num_experts)),
-    ConditionalFlag("moe_ffn_hidden_size", None, "--num-experts", lambda a: bool(a.num_experts)),
-    ConditionalFlag("moe_aux_loss_coeff", 0.0, "--num-experts", lambda a: bool(a.num_experts)),
     ConditionalFlag("lr_wsd_decay_style", "exponential", "--lr-decay-style wsd", lambda a: a.lr_decay_style == "wsd"),
     ConditionalFlag("fp8_recipe", None, "--fp8-format", lambda a: a.fp8_format is not None),  # default: by backend
     ConditionalFlag(
@@ -475,18 +361,6 @@ CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
         flag="--use-checkpoint-opt_param-scheduler",
     ),
     ConditionalFlag(
-        "sv_weight_decay_policy",
-        None,
-        "learnable scale vectors (not --scale-vector-strategy none)",
-        lambda a: a.scale_vector_strategy != "none",
-    ),
-    ConditionalFlag(
-        "sv_final_norm_role",
-        None,
-        "--sv-weight-decay-policy iwd (roles only choose weight decay)",
-        lambda a: (a.sv_weight_decay_policy or _preset_policy(a)) == "iwd",
-    ),
-    ConditionalFlag(
         "tokenizer_model",
         None,
         "--tokenizer-type SentencePieceTokenizer or HuggingFaceTokenizer",
@@ -504,24 +378,23 @@ CONDITIONAL_FLAGS: Tuple[ConditionalFlag, ...] = (
 )
 
 
-def _preset_policy(args: argparse.Namespace) -> str:
-    from megatron_sv.scale_vectors.config import STRATEGIES
-
-    preset = STRATEGIES.get(args.scale_vector_strategy)
-    return preset.weight_decay_policy if preset is not None else ""
-
-
 def check_conditional_flags(args: argparse.Namespace) -> None:
     """Refuse a flag that would be silently ignored; then fill in the defaults of the others."""
-    for flag in CONDITIONAL_FLAGS:
-        value = getattr(args, flag.dest)
-        if value is not None and not flag.applies(args):
-            _fail(f"{flag.name} only applies with {flag.needs}; it would be ignored here")
+    problems = [*conditional_problems(GPTShape, args), *conditional_problems(ScaleVectorConfig, args)]
+    problems += [
+        f"{flag.name} only applies with {flag.needs}; it would be ignored here"
+        for flag in CONDITIONAL_FLAGS
+        if getattr(args, flag.dest) is not None and not flag.applies(args)
+    ]
+    if problems:
+        _fail(problems[0])
+    fill_conditional_defaults(GPTShape, args)
     for flag in CONDITIONAL_FLAGS:
         if getattr(args, flag.dest) is None:
             setattr(args, flag.dest, flag.default)
 
 
+# numbers that must be finite (NaN passes every comparison, inf most); the model's are declared with its fields
 FINITE_FLOATS = [
     "lr",
     "min_lr",
@@ -530,23 +403,33 @@ FINITE_FLOATS = [
     "adam_beta1",
     "adam_beta2",
     "adam_eps",
-    "init_method_std",
-    "norm_epsilon",
-    "moe_aux_loss_coeff",
     "exit_duration_in_mins",
     "distributed_timeout_minutes",
 ]
 
 
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Check every flag before any work; add derived fields (data_parallel_size, num_microbatches,
-    lr_decay_iters, scale-vector config). Raises ArgumentError."""
-    from megatron_sv.checkpointing import CheckpointError, check_load_dir, check_save_dir
-    from megatron_sv.checkpointing.layout import check_free_space
-    from megatron_sv.scale_vectors.config import strategy_config
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> TrainingConfig:
+    """Check every flag before any work and return the typed config: the scale-vector config, the FP8 recipe,
+    and the resolved flags (a copy of ``args`` with conditional defaults and derived sizes: world_size,
+    data_parallel_size, num_microbatches, global_batch_size, lr_decay_iters, ...). Raises ArgumentError
+    naming the flag; the checks run in this order, one concern each."""
+    args = argparse.Namespace(**vars(args))  # the caller's namespace stays as parsed
+    args.world_size = world_size_from_env() if world_size is None else world_size
+    _check_values(args)
+    _check_model(args)
+    sv_config = _method_config(args)
+    shape = _check_parallelism(args)
+    _check_batch(args)
+    _check_optimization(args)
+    fp8 = _check_precision(args, shape)
+    _check_data(args)
+    _check_tracking(args)
+    _check_checkpoints(args)
+    return TrainingConfig(args=args, sv_config=sv_config, fp8=fp8)
 
-    world_size = world_size_from_env() if world_size is None else world_size
-    args.world_size = world_size
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Flags that would be ignored, flags that exclude each other, numbers out of range."""
     check_conditional_flags(args)
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         _fail(
@@ -559,10 +442,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             "linears fold per micro-batch); drop one of the two flags"
         )
     positive = [
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "seq_length",
         "micro_batch_size",
         "train_iters",
         "tensor_model_parallel_size",
@@ -572,7 +451,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         "log_interval",
         "make_vocab_size_divisible_by",
     ]
-    for name in FINITE_FLOATS:  # NaN passes every comparison below, inf most of them
+    for message in value_problems(GPTShape, args):
+        _fail(message)
+    for name in FINITE_FLOATS:
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             _fail(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     for name in positive + ["global_batch_size", "lr_decay_iters", "exit_interval"]:
@@ -581,97 +462,70 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.eval_iters < 0:
         _fail(f"--eval-iters must be >= 0, got {args.eval_iters}")
 
-    # model shape
-    if args.hidden_size % args.num_attention_heads:
-        _fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+
+def _check_model(args: argparse.Namespace) -> None:
+    """The shape on its own (the layout's rules come with the parallelism); fills --max-position-embeddings."""
     if args.num_query_groups is not None and not args.group_query_attention:
         _fail("--num-query-groups needs --group-query-attention")
-    if args.group_query_attention:
-        if not args.num_query_groups:
-            _fail("--group-query-attention needs --num-query-groups")
-        if args.num_attention_heads % args.num_query_groups:
-            _fail(
-                f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
-                f"{args.num_query_groups}"
-            )
-    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    if args.group_query_attention and not args.num_query_groups:
+        _fail("--group-query-attention needs --num-query-groups")
+    for message in shape_problems(args.hidden_size, args.num_attention_heads, args.num_query_groups):
+        _fail(message)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
         _fail(f"--max-position-embeddings {args.max_position_embeddings} < --seq-length {args.seq_length}")
-    if args.num_experts is not None:
-        if args.num_experts < 1:
-            _fail("--num-experts must be positive")
-        if not 1 <= args.moe_router_topk <= args.num_experts:
-            _fail(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {args.num_experts}]")
-        if args.num_experts % args.expert_model_parallel_size:
-            _fail(
-                f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
-                f"{args.expert_model_parallel_size}"
-            )
-    elif args.expert_model_parallel_size > 1:
-        _fail("--expert-model-parallel-size > 1 needs --num-experts")
+    if args.num_experts is not None and not 1 <= args.moe_router_topk <= args.num_experts:
+        _fail(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {args.num_experts}]")
 
-    # scale vectors
+
+def _method_config(args: argparse.Namespace) -> ScaleVectorConfig:
+    """The strategy's preset with the --sv-* overrides."""
     try:
-        args.sv_config = strategy_config(
-            args.scale_vector_strategy,
-            branch_specific=args.sv_branch_specific,
-            placement=args.sv_placement,
-            reparam=args.sv_reparam,
-            weight_decay_policy=args.sv_weight_decay_policy,
-            final_norm_role=args.sv_final_norm_role,
-            fold_once_per_step=args.sv_fold_once_per_step,
-        )
+        return config_from_saved(vars(args))
     except ValueError as e:
         _fail(str(e))
 
-    # parallelism
-    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
-    from megatron_sv.platform.parallel_sizes import validate_parallel_sizes
 
+def _check_parallelism(args: argparse.Namespace) -> GPTShape:
+    """The layout fits the world and the model; fills data_parallel_size. Returns the shape it checked."""
+    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
     try:
-        args.data_parallel_size = validate_parallel_sizes(world_size, tp, pp, ep)
+        args.data_parallel_size = validate_parallel_sizes(args.world_size, tp, pp, ep)
     except ValueError as e:
         _fail(f"{e} (launch with a world size that is a multiple of TP x PP)")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         _fail("--overlap-param-gather needs --overlap-grad-reduce")
-    if args.sequence_parallel and tp == 1:
-        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if args.num_attention_heads % tp:
-        _fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
-    if groups % tp:
-        _fail(f"the number of query groups ({groups}) is not divisible by --tensor-model-parallel-size {tp}")
-    if args.num_layers % pp:
-        _fail(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    if args.sequence_parallel and args.seq_length % tp:
-        _fail(
-            f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
-            "(needed by --sequence-parallel)"
-        )
+    # the padded vocabulary is known once the tokenizer is loaded (TrainingConfig.with_vocab): not checked here
+    shape = GPTShape.from_saved(vars(args), vocab_size=0)
+    for message in layout_problems(shape, tp, pp, ep, args.sequence_parallel):
+        _fail(message)
+    return shape
 
-    # batch
+
+def _check_batch(args: argparse.Namespace) -> None:
+    """Fills global_batch_size (no gradient accumulation by default) and num_microbatches."""
     dp = args.data_parallel_size
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
         _fail(
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {dp} (world {world_size} / (TP {tp} x PP {pp}))"
+            f"{args.micro_batch_size} x data-parallel size {dp} (world {args.world_size} / (TP {tp} x PP {pp}))"
         )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
-    # optimization
-    if args.optimizer == "muon":
-        try:
-            import emerging_optimizers  # noqa: F401
-        except ImportError:
-            _fail(
-                "--optimizer muon uses megatron.core.optimizer.muon, which needs the package "
-                "'emerging-optimizers' (pip install emerging-optimizers); it is not installed"
-            )
+
+def _check_optimization(args: argparse.Namespace) -> None:
+    """Optimizer, learning-rate schedule, Adam and clipping; fills lr_decay_iters."""
+    if args.optimizer == "muon" and importlib.util.find_spec("emerging_optimizers") is None:  # found, not imported
+        _fail(
+            "--optimizer muon uses megatron.core.optimizer.muon, which needs the package "
+            "'emerging-optimizers' (pip install emerging-optimizers); it is not installed"
+        )
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         _fail(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
     if args.lr_decay_iters is None:
@@ -693,9 +547,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.weight_decay < 0 or args.clip_grad < 0:
         _fail("--weight-decay and --clip-grad must be >= 0")
 
-    # precision
+
+def _check_precision(args: argparse.Namespace, shape: GPTShape):
+    """Backend and FP8; fills the FP8 recipe's default. Returns the local backend's FP8Recipe (or None)."""
     if args.transformer_impl == "transformer_engine":
-        from megatron_sv.scale_vectors.te_linears import TransformerEngineUnavailable, require_transformer_engine
+        # lazy: the probe imports torch, needed only for this backend (the parser stays torch-free)
+        from megatron_sv.scale_vectors.te_linears import TransformerEngineUnavailable, require_transformer_engine  # noqa: PLC0415 - see above
 
         try:
             require_transformer_engine()
@@ -706,7 +563,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 "--transformer-impl transformer_engine does not support MoE (--num-experts) yet; "
                 "use --transformer-impl local"
             )
-    args.fp8 = None  # the local backend's FP8Recipe, set by _check_local_fp8
+    fp8 = None  # the local backend's FP8Recipe
     if args.fp8_format is not None:
         if not args.bf16:
             _fail("--fp8-format needs --bf16 (FP8 GEMMs with bf16 activations and master weights in fp32)")
@@ -719,9 +576,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 )
         else:
             args.fp8_recipe = args.fp8_recipe or "tensorwise"
-            _check_local_fp8(args, groups)
+            fp8 = _local_fp8_recipe(args, shape)
+    return fp8
 
-    # data and tokenizer
+
+def _check_data(args: argparse.Namespace) -> None:
+    """Data and tokenizer files, the split, evaluation; fills the tokenizer type of mock data."""
     if args.mock_data and args.data_path:
         _fail("give either --mock-data or --data-path, not both")
     if not args.mock_data and not args.data_path:
@@ -749,8 +609,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.tokenizer_type == "NullTokenizer" and not args.vocab_size:
         _fail("--tokenizer-type NullTokenizer needs --vocab-size")
     if args.data_path:
-        from megatron_sv.data.datasets import check_dataset_files, parse_blend, parse_split
-
         try:
             prefixes, _ = parse_blend(args.data_path)
             check_dataset_files(prefixes)
@@ -758,16 +616,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         except (ValueError, FileNotFoundError) as e:
             _fail(f"--data-path/--split: {e}")
 
-    # evaluation
     if args.eval_iters > 0 and args.data_path:
-        from megatron_sv.data.datasets import parse_split
-
         if parse_split(args.split)[1] == 0:
             _fail(
                 f"--eval-iters {args.eval_iters} needs a validation share in --split {args.split!r} (or --eval-iters 0)"
             )
 
-    # experiment tracking
+
+def _check_tracking(args: argparse.Namespace) -> None:
     if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:
         _fail("--wandb-exp-name/--wandb-save-dir need --wandb-project")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:  # found without importing it
@@ -776,7 +632,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             "pip install -e .[wandb])"
         )
 
-    # checkpoints
+
+def _check_checkpoints(args: argparse.Namespace) -> None:
+    """--save/--load directories (before any work: nothing saved is lost) and the exit conditions."""
     if args.save_interval is not None and args.save_interval <= 0:
         _fail("--save-interval must be positive")
     if args.save_interval and not args.save:
@@ -797,39 +655,38 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             check_free_space(args.save, _checkpoint_bytes_estimate(args), warn=_warn_once)
     except CheckpointError as e:
         _fail(str(e))
-    return args
 
 
-def _check_local_fp8(args: argparse.Namespace, groups: int) -> None:
+def _local_fp8_recipe(args: argparse.Namespace, shape: GPTShape):
     """--fp8-format on the local backend: recipe, GEMM sizes per TP rank, and an FP8-capable GPU if any."""
-    # lazy: torch and the model's default FFN width are needed only when FP8 is asked for
-    import torch
+    # lazy: torch is needed only when FP8 is asked for (the parser and the other checks stay torch-free)
+    import torch  # noqa: PLC0415 - see above
 
-    from megatron_sv.fp8.recipe import FP8Recipe, FP8Unsupported, check_fp8_capability, check_fp8_model_dims
-    from megatron_sv.models.gpt.model import default_ffn_hidden_size
+    from megatron_sv.fp8.recipe import FP8Recipe, FP8Unsupported, check_fp8_capability, check_fp8_model_dims  # noqa: PLC0415 - see above
 
-    ffn = default_ffn_hidden_size(args.hidden_size, args.swiglu, args.ffn_hidden_size)
+    ffn = shape.resolved_ffn_hidden_size()
     try:
-        args.fp8 = FP8Recipe(args.fp8_format, args.fp8_recipe)
+        recipe = FP8Recipe(args.fp8_format, args.fp8_recipe)
         check_fp8_model_dims(
-            hidden_size=args.hidden_size,
-            num_attention_heads=args.num_attention_heads,
-            num_query_groups=groups,
-            kv_channels=args.hidden_size // args.num_attention_heads,
+            hidden_size=shape.hidden_size,
+            num_attention_heads=shape.num_attention_heads,
+            num_query_groups=shape.query_groups,
+            kv_channels=shape.hidden_size // shape.num_attention_heads,
             ffn_hidden_size=ffn,
-            gated=args.swiglu,
+            gated=shape.swiglu,
             tp=args.tensor_model_parallel_size,
-            moe_ffn_hidden_size=(args.moe_ffn_hidden_size or ffn) if args.num_experts else None,
+            moe_ffn_hidden_size=(shape.moe_ffn_hidden_size or ffn) if shape.num_experts else None,
         )
         if torch.cuda.is_available():
             check_fp8_capability(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     except FP8Unsupported as e:
         _fail(str(e))
+    return recipe
 
 
 def _warn_once(msg: str) -> None:
     """Validation runs on every rank; warnings are printed by rank 0."""
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+    if launch_rank() == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -837,7 +694,7 @@ def _checkpoint_bytes_estimate(args: argparse.Namespace) -> int:
     """A rough checkpoint size for the free-space warning: fp32 weights and two Adam moments (plus the
     bf16 copy), embeddings with the vocabulary if known."""
     h, layers = args.hidden_size, args.num_layers
-    ffn = args.ffn_hidden_size or 4 * h
+    ffn = default_ffn_hidden_size(h, args.swiglu, args.ffn_hidden_size)
     mlp = (3 if args.swiglu else 2) * h * ffn * (args.num_experts or 1)
     embeddings = (args.vocab_size or 0) * h * (2 if args.untie_embeddings_and_output_weights else 1)
     params = layers * (4 * h * h + mlp) + embeddings
@@ -848,14 +705,6 @@ def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def args_for_checkpoint(args: argparse.Namespace) -> dict:
-    """The flags as plain types (loadable with torch.load(weights_only=True))."""
-    out = {}
-    for k, v in vars(args).items():
-        if k.startswith("_"):
-            continue
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-    return out
+def args_for_checkpoint(config: TrainingConfig) -> dict:
+    """The saved args of a checkpoint: the resolved flags as plain types (TrainingConfig.saved_args)."""
+    return config.saved_args()

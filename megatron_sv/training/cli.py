@@ -7,30 +7,24 @@ start with ``megatron_sv.training.loop``, once the flags are known to be good.
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 from typing import List, Optional
 
-from megatron_sv.training.arguments import ArgumentError, launch_rank, parse_args, validate_args
+from megatron_sv.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_sv.training.exits import EXIT_BAD_ARGS, EXIT_DIVERGED, EXIT_OK, report_bad_args
 
-EXIT_OK, EXIT_BAD_ARGS, EXIT_DIVERGED = 0, 2, 3
-
-
-def report_bad_args(error: Exception) -> int:
-    """One line on rank 0 (every rank finds the same error), then the usage-error exit code."""
-    if launch_rank() == 0:
-        print(f"pretrain_gpt_sv.py: error: {error}", file=sys.stderr, flush=True)
-    return EXIT_BAD_ARGS
+__all__ = ["EXIT_BAD_ARGS", "EXIT_DIVERGED", "EXIT_OK", "main"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
     args = parse_args(argv)  # --help and usage errors exit here
-    args._start_time = start
     try:
-        validate_args(args)
+        config = dataclasses.replace(validate_args(args), start_time=start)
     except ArgumentError as e:
         return report_bad_args(e)
-    from megatron_sv.training.loop import run
+    # lazy: torch and megatron.core load only once the flags are known to be good (see the docstring)
+    from megatron_sv.training.loop import run  # noqa: PLC0415
 
-    return run(args)
+    return run(config)

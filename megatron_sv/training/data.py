@@ -15,6 +15,9 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from megatron_sv.data.datasets import build_train_valid_test_datasets
+from megatron_sv.data.tokenizers import build_tokenizer
+
 
 class MicroBatchSampler(torch.utils.data.Sampler):
     """Yields this data-parallel rank's micro-batches (lists of sample indices), global batch after
@@ -55,8 +58,6 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 
 
 def build_tokenizer_from_args(args):
-    from megatron_sv.data.tokenizers import build_tokenizer
-
     return build_tokenizer(
         args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
@@ -68,8 +69,6 @@ def build_tokenizer_from_args(args):
 
 def build_datasets(args, tokenizer):
     """(train, valid) datasets sized for the whole run; every rank builds its own view."""
-    from megatron_sv.data.datasets import build_train_valid_test_datasets
-
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = args.eval_iters * args.global_batch_size
     train, valid, _ = build_train_valid_test_datasets(

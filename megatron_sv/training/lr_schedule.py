@@ -18,6 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_sv.checkpointing import CheckpointError
+
 OVERRIDE_FLAG = "--override-opt_param-scheduler"
 USE_CHECKPOINT_FLAG = "--use-checkpoint-opt_param-scheduler"
 
@@ -47,8 +51,6 @@ SCHEDULE_FIELDS = (
 
 def build_scheduler(optimizer, args):
     """Megatron-Core's OptimizerParamScheduler for the flags in ``args``."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     # No flag given: schedule_differences has already refused any value that differs, so taking the
     # checkpoint's values is taking ours (megatron-core would otherwise also compare wd_incr_steps, which
     # a constant weight decay never reads and which follows --train-iters).
@@ -101,8 +103,6 @@ def schedule_differences(
 
 def check_schedule(scheduler, saved_state, saved_args, args) -> None:
     """Refuse a differing schedule unless a flag says which one wins (raises CheckpointError)."""
-    from megatron_sv.checkpointing import CheckpointError
-
     if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
         return
     diff = schedule_differences(scheduler, saved_state, saved_args, args)

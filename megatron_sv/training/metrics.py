@@ -8,6 +8,7 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import psutil
 import torch
 
 
@@ -15,8 +16,6 @@ def memory_usage() -> str:
     if torch.cuda.is_available():
         return f"max allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
     try:
-        import psutil
-
         rss = psutil.Process().memory_info().rss / 2**20
     except ImportError:  # psutil is optional here
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,11 +57,12 @@ class MetricsWriter:
         if not self.active:
             return
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - only with --tensorboard-dir (a slow import)
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
         if wandb_config is not None:
-            import wandb  # optional dependency (extra "wandb"); its presence is checked with the flags
+            # optional dependency (extra "wandb"); its presence is checked with the flags
+            import wandb  # noqa: PLC0415 - the [wandb] extra, only with --wandb-project
 
             if wandb_config.save_dir:
                 os.makedirs(wandb_config.save_dir, exist_ok=True)

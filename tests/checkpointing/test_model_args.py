@@ -4,6 +4,7 @@ Every field is saved, rebuilt, and compared on resume and conversion unless exem
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 
@@ -15,9 +16,8 @@ from tests.training.cli import TINY
 
 
 def _saved(extra=()):
-    args = validate_args(parse_args([*TINY, "--train-iters", "2", *extra]), world_size=1)
-    args.padded_vocab_size = 256
-    return args_for_checkpoint(args)
+    config = validate_args(parse_args([*TINY, "--train-iters", "2", *extra]), world_size=1)
+    return args_for_checkpoint(dataclasses.replace(config, padded_vocab_size=256))
 
 
 def test_every_model_and_method_flag_is_declared():
@@ -68,3 +68,58 @@ def test_conversion_records_every_defining_field():
     assert model_io.model_differences(saved, dict(written, norm_epsilon=1e-5)) == [
         "--norm-epsilon: checkpoint 1e-06, now 1e-05"
     ]
+
+
+# the training command line's flags that are not the model's (pretrain_flags writes only the model's)
+_RUN_FLAGS = ["--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "2", "--mock-data"]
+_RUN_FLAGS += ["--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--norm-epsilon", "1e-6", "--rotary-base", "20000", "--group-query-attention", "--num-query-groups", "2"],
+        ["--no-sv-branch-specific", "--sv-reparam", "er", "--sv-post-sublayer-norm", "--qk-layernorm"],
+        ["--num-experts", "4", "--moe-router-topk", "1", "--moe-ffn-hidden-size", "96", "--moe-aux-loss-coeff", "0.01"],
+        [
+            "--position-embedding-type",
+            "learned_absolute",
+            "--max-position-embeddings",
+            "64",
+            "--normalization",
+            "LayerNorm",
+        ],
+    ],
+)
+def test_model_flags_give_the_saved_model_back(extra):
+    """The flags a conversion writes (model_flags.txt: pretrain_flags, derived from the declarations), read by
+    the training command line, describe the same model and method, field by field."""
+    saved = _saved(extra)
+    argv = shlex.split(model_io.pretrain_flags(saved)) + _RUN_FLAGS
+    again = args_for_checkpoint(
+        dataclasses.replace(validate_args(parse_args(argv), world_size=1), padded_vocab_size=256)
+    )
+    assert model_io.model_differences(saved, again) == []
+    assert GPTShape.from_saved(again) == GPTShape.from_saved(saved)  # the non-defining fields too
+    assert model_io.sv_config_from_args(again) == model_io.sv_config_from_args(saved)
+
+
+def test_the_model_builder_reads_the_same_declaration():
+    """TrainingConfig.shape() (what the training loop builds) is the shape the flags declare: Megatron-LM's
+    parser defaults (GeLU MLP, tied embeddings) where a flag is left out, the flags where given."""
+    plain = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+    config = validate_args(parse_args(plain + _RUN_FLAGS), world_size=1).with_vocab(255)
+    assert config.shape() == GPTShape(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=256,
+        seq_length=32,
+        max_position_embeddings=32,
+        swiglu=False,
+        untie_embeddings_and_output_weights=False,
+    )
+    given = validate_args(parse_args([*TINY, "--train-iters", "2", "--num-experts", "2"]), world_size=1)
+    shape = given.with_vocab(255).shape()
+    assert (shape.swiglu, shape.untie_embeddings_and_output_weights, shape.num_experts) == (True, True, 2)
+    assert (shape.moe_router_topk, shape.moe_token_dispatcher_type) == (2, "allgather")  # conditional defaults

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from megatron_sv.checkpointing import write_tracker
 from megatron_sv.training.arguments import ArgumentError, build_parser, parse_args, validate_args
+from megatron_sv.training.config import TrainingConfig
 from tests.training.cli import TINY, run
 
 BASE = [x for x in TINY]
@@ -253,3 +255,15 @@ def test_wandb_flags():
         env={"WORLD_SIZE": "1", "PATH": os.environ["PATH"]},
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the package 'wandb'" in r.stderr, r.stderr
+
+
+def test_validation_returns_a_config_and_leaves_the_parsed_flags_alone():
+    parsed = parse_args([*BASE, "--train-iters", "4", "--num-experts", "2"])
+    before = dict(vars(parsed))
+    config = validate_args(parsed, world_size=2)
+    assert vars(parsed) == before  # defaults and derived sizes went into the config's copy
+    assert isinstance(config, TrainingConfig)
+    assert (config.args.moe_router_topk, config.args.data_parallel_size, config.args.num_microbatches) == (2, 2, 2)
+    assert config.padded_vocab_size is None and config.with_vocab(255).padded_vocab_size == 256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sv_config = None

@@ -42,15 +42,15 @@ def _batches(tokens, labels, mask, rows):
 
 def _trainer(extra):
     from megatron_sv.platform import initialize_distributed
-    from megatron_sv.training.arguments import padded_vocab_size, parse_args, validate_args
+    from megatron_sv.training.arguments import parse_args, validate_args
     from megatron_sv.training.data import build_tokenizer_from_args
     from megatron_sv.training.loop import Trainer
 
-    args = validate_args(parse_args([*TINY, "--train-iters", "2", *extra]), world_size=2)
-    tok = build_tokenizer_from_args(args)
-    args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by, 1)
-    initialize_distributed(seed=args.seed)
-    trainer = Trainer(args, tok)
+    config = validate_args(parse_args([*TINY, "--train-iters", "2", *extra]), world_size=2)
+    tok = build_tokenizer_from_args(config.args)
+    config = config.with_vocab(tok.vocab_size)
+    initialize_distributed(seed=config.seed)
+    trainer = Trainer(config, tok)
     trainer.build_model()
     trainer.build_optimizer()
     return trainer

@@ -1,7 +1,7 @@
 """Build a Megatron-Core GPTModel whose norms carry scale vectors per a ``ScaleVectorConfig``.
 
-``GPTShape`` holds the architecture (Megatron-LM flag names in comments), ``ParallelLayout`` the
-parallel sizes; ``transformer_config`` turns both into Megatron's TransformerConfig and
+``GPTShape`` (models/gpt/shape.py) holds the architecture, declared once with its flags; ``ParallelLayout``
+the parallel sizes; ``transformer_config`` turns both into Megatron's TransformerConfig and
 ``build_gpt_model`` assembles the model for this pipeline stage.
 """
 
@@ -20,45 +20,10 @@ from megatron_sv.fp8.recipe import FP8Recipe
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
 from megatron_sv.scale_vectors.norms import check_norm_kind
 
+from .shape import GPTShape, default_ffn_hidden_size, layout_problems, shape_problems
 from .sv_layer_specs import LayerOptions, get_sv_block_spec
 
-
-def default_ffn_hidden_size(hidden_size: int, swiglu: bool, ffn_hidden_size: Optional[int] = None) -> int:
-    """--ffn-hidden-size, or its default: 4h, or 8h/3 rounded up to a multiple of 64 for SwiGLU."""
-    if ffn_hidden_size is not None:
-        return ffn_hidden_size
-    if swiglu:
-        return int(((8 * hidden_size / 3) + 63) // 64 * 64)
-    return 4 * hidden_size
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    num_layers: int  # --num-layers
-    hidden_size: int  # --hidden-size
-    num_attention_heads: int  # --num-attention-heads
-    vocab_size: int  # padded vocabulary size
-    seq_length: int  # --seq-length
-    ffn_hidden_size: Optional[int] = None  # --ffn-hidden-size (default 4h, or 8h/3 rounded for SwiGLU)
-    num_query_groups: Optional[int] = None  # --num-query-groups (GQA)
-    max_position_embeddings: Optional[int] = None  # --max-position-embeddings
-    normalization: str = "RMSNorm"  # --normalization
-    norm_epsilon: float = 1e-5  # --norm-epsilon
-    swiglu: bool = True  # --swiglu
-    position_embedding_type: str = "rope"  # --position-embedding-type
-    rotary_base: int = 10000  # --rotary-base
-    untie_embeddings_and_output_weights: bool = True  # --untie-embeddings-and-output-weights
-    qk_layernorm: bool = False  # --qk-layernorm
-    post_sublayer_norm: bool = False  # --sv-post-sublayer-norm (Gemma / Peri-LN Output-Norms)
-    init_method_std: float = 0.02  # --init-method-std
-    num_experts: Optional[int] = None  # --num-experts
-    moe_router_topk: int = 2  # --moe-router-topk
-    moe_ffn_hidden_size: Optional[int] = None  # --moe-ffn-hidden-size
-    moe_token_dispatcher_type: str = "allgather"  # --moe-token-dispatcher-type
-    moe_aux_loss_coeff: float = 0.0  # --moe-aux-loss-coeff
-
-    def resolved_ffn_hidden_size(self) -> int:
-        return default_ffn_hidden_size(self.hidden_size, self.swiglu, self.ffn_hidden_size)
+__all__ = ["GPTShape", "ParallelLayout", "build_gpt_model", "default_ffn_hidden_size", "transformer_config"]
 
 
 @dataclass(frozen=True)
@@ -74,17 +39,16 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
     check_norm_kind(shape.normalization)
     if shape.position_embedding_type not in ("rope", "learned_absolute", "none"):
         raise ValueError(f"unsupported --position-embedding-type {shape.position_embedding_type!r}")
-    if shape.hidden_size % shape.num_attention_heads:
-        raise ValueError(
-            f"--hidden-size {shape.hidden_size} is not divisible by --num-attention-heads {shape.num_attention_heads}"
-        )
-    groups = shape.num_query_groups or shape.num_attention_heads
-    if shape.num_attention_heads % groups:
-        raise ValueError(
-            f"--num-attention-heads {shape.num_attention_heads} is not divisible by --num-query-groups {groups}"
-        )
-    if layout.sequence_parallel and layout.tensor_model_parallel_size == 1:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    problems = shape_problems(shape.hidden_size, shape.num_attention_heads, shape.num_query_groups)
+    problems += layout_problems(
+        shape,
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.expert_model_parallel_size,
+        layout.sequence_parallel,
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
     moe = {}
     if shape.num_experts:
         moe = dict(
@@ -102,7 +66,7 @@ def transformer_config(shape: GPTShape, layout: ParallelLayout = ParallelLayout(
         hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.resolved_ffn_hidden_size(),
         num_attention_heads=shape.num_attention_heads,
-        num_query_groups=groups,
+        num_query_groups=shape.query_groups,
         kv_channels=shape.hidden_size // shape.num_attention_heads,
         normalization=shape.normalization,
         layernorm_epsilon=shape.norm_epsilon,
