@@ -148,6 +148,42 @@ def test_no_cycle_through_lazy_imports_either():
     assert cycle is None, "import cycle through a function-local import: " + " -> ".join(cycle)
 
 
+# docs/architecture.md's layers, bottom first: a module imports only from its own layer or below.
+LAYERS = [
+    (
+        "megatron_sv._lazy",
+        "megatron_sv.config_fields",
+        "megatron_sv.models.gpt.shape",
+        "megatron_sv.scale_vectors.config",
+    ),
+    ("megatron_sv.platform",),
+    ("megatron_sv.data",),
+    ("megatron_sv.scale_vectors", "megatron_sv.fp8"),
+    ("megatron_sv.models",),
+    ("megatron_sv.checkpointing",),
+    ("megatron_sv.conversion",),
+    ("megatron_sv.training",),
+    ("megatron_sv.launch", "megatron_sv.study"),
+]
+
+
+def _layer(module: str) -> int:
+    """The layer of the most specific prefix that names ``module`` (package __init__ files: layer 0)."""
+    best = (0, -1)  # (prefix length, layer)
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[0]:
+                best = (len(prefix), rank)
+    return best[1] if best[1] >= 0 else 0
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph(ROOT, "megatron_sv", lazy=True)
+    upward = [f"{a} -> {b}" for a, targets in sorted(graph.items()) for b in sorted(targets) if _layer(a) < _layer(b)]
+    assert not upward, "imports from a higher layer (docs/architecture.md):\n" + "\n".join(upward)
+    assert _layer("megatron_sv.models.gpt.shape") == 0 and _layer("megatron_sv.models.gpt.model") == 4
+
+
 def test_a_planted_cycle_is_found(tmp_path):
     """The check itself: a cycle through a relative import and a package __init__ is reported, a lazy
     import inside a function and a TYPE_CHECKING import are not edges."""
