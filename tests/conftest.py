@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +19,16 @@ from tests.helpers.processes import SESSION, TAG_VAR, kill_tagged, reap_register
 
 # every process the suite starts (directly or not) inherits the session tag; jobs get tags below it
 os.environ[TAG_VAR] = SESSION
+
+
+def _terminated(signum, frame):
+    """SIGTERM (a cancelled CI job, tests/run_all.sh stopping its groups) ends the session like Ctrl-C, so
+    that teardown and pytest_sessionfinish still reap what the tests started (ranks in sessions of their
+    own, orphaned helpers), instead of leaving them running."""
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, _terminated)
 
 
 @pytest.fixture(autouse=True)

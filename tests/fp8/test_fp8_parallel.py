@@ -24,7 +24,7 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
 
 CASES = [("standard", "hybrid", "tensorwise"), ("unified", "e4m3", "rowwise")]
@@ -102,9 +102,12 @@ def _job(rank, world_size, runs):
 @pytest.fixture(scope="module")
 def fp8_results():
     ref_runs = [((layout, "ref", c), c, kw) for layout, kw in REFERENCES.items() for c in CASES]
-    ref = run_distributed(_job, world_size=1, args=(ref_runs,), timeout=600)[0]
     runs = [((layout, c), c, kw) for layout, kw in LAYOUTS.items() for c in CASES]
-    return ref, run_distributed(_job, world_size=2, args=(runs,), timeout=900)
+    ref, got = run_side_by_side(
+        dict(fn=_job, world_size=1, args=(ref_runs,), timeout=900),
+        dict(fn=_job, world_size=2, args=(runs,), timeout=900),
+    )
+    return ref[0], got
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

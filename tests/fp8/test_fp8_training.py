@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
 
 STEPS = 60
@@ -96,7 +96,12 @@ def _job(rank, world_size, runs):
 
 @pytest.fixture(scope="module")
 def curves():
-    return run_distributed(_job, world_size=1, args=(RUNS,), timeout=900)[0]
+    # single-rank runs, one thread each: two jobs side by side use both cores
+    halves = [RUNS[0::2], RUNS[1::2]]
+    out = {}
+    for res in run_side_by_side(*(dict(fn=_job, world_size=1, args=(h,), timeout=900) for h in halves)):
+        out.update(res[0])
+    return out
 
 
 def _smooth(xs, k=10):

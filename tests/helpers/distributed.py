@@ -6,6 +6,10 @@ function itself calls initialize_distributed or init_process_group). It returns 
 return values by rank, raises ``DistributedTestError`` carrying every failed rank's traceback,
 and kills every rank on timeout. ``fn`` must be importable (module level) and its result
 picklable.
+
+``run_side_by_side(job, job, ...)`` runs several such jobs at once (each a dict of run_distributed's
+arguments) and returns their results in order: a single-rank reference run uses one core
+(OMP_NUM_THREADS=1), so it can run next to a two-rank job or a second single-rank job instead of before it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
@@ -60,6 +66,9 @@ def _worker(fn, rank, world_size, args, env, queue):
             pass
 
 
+_environ_lock = threading.Lock()
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -77,23 +86,25 @@ def run_distributed(
         **(env or {}),
     }
     # OMP_NUM_THREADS must be in the environment before the child imports torch; the job tag lets the
-    # teardown find the ranks' helper processes even after a killed rank orphaned them
+    # teardown find the ranks' helper processes even after a killed rank orphaned them. The lock: jobs
+    # started side by side (run_side_by_side) must not see each other's tag.
     tag = new_tag()
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", TAG_VAR)}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ[TAG_VAR] = tag
     procs = []
-    try:
-        for rank in range(world_size):
-            p = ctx.Process(target=_worker, args=(fn, rank, world_size, tuple(args), child_env, queue))
-            p.start()
-            procs.append(p)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _environ_lock:
+        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", TAG_VAR)}
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ[TAG_VAR] = tag
+        try:
+            for rank in range(world_size):
+                p = ctx.Process(target=_worker, args=(fn, rank, world_size, tuple(args), child_env, queue))
+                p.start()
+                procs.append(p)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     results: Dict[int, Any] = {}
     failures: Dict[int, str] = {}
@@ -143,3 +154,11 @@ def run_distributed(
             parts.append(f"(ranks {missing} were killed while still running)")
         raise DistributedTestError(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(parts))
     return [results[r] for r in range(world_size)]
+
+
+def run_side_by_side(*jobs: Dict[str, Any]) -> List[Any]:
+    """Run several run_distributed jobs at the same time (each a dict of its keyword arguments); returns
+    each job's result in order. Every job runs to its end; then the first failure is raised."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(run_distributed, **job) for job in jobs]
+    return [f.result() for f in futures]

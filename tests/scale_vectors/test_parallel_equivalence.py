@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
 
 STRATEGIES = ["standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]
@@ -144,16 +144,19 @@ def _overrides(strategy):
 
 @pytest.fixture(scope="module")
 def dense_results():
-    ref_runs = [(("ref", s), s, False, REFERENCE) for s in STRATEGIES]
-    ref = run_distributed(_job, world_size=1, args=(ref_runs,), timeout=600)[0]
-    runs = [((layout, s), s, False, kw) for layout, kw in LAYOUTS.items() for s in STRATEGIES]
+    fold_one, fold_two = _fold_runs()
+    ref_runs = [(("ref", s), s, False, REFERENCE) for s in STRATEGIES] + fold_one
+    runs = [((layout, s), s, False, kw) for layout, kw in LAYOUTS.items() for s in STRATEGIES] + fold_two
     runs += [
         ((f"tp2_{plant}", s), s, False, dict(LAYOUTS["tp2"], plant=plant, steps=1))
         for plant in ("double", "missing")
         for s in PLANTED
     ]
-    per_rank = run_distributed(_job, world_size=2, args=(runs,), timeout=900)
-    return ref, per_rank
+    ref, per_rank = run_side_by_side(
+        dict(fn=_job, world_size=1, args=(ref_runs,), timeout=900),
+        dict(fn=_job, world_size=2, args=(runs,), timeout=900),
+    )
+    return ref[0], per_rank
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -213,11 +216,12 @@ def test_replicated_vector_grads_equal_on_tp_ranks(dense_results, layout, strate
 
 @pytest.fixture(scope="module")
 def moe_results():
-    ep1 = run_distributed(
-        _job, world_size=1, args=([(("ep1", s), s, True, REFERENCE) for s in STRATEGIES],), timeout=600
-    )[0]
     runs = [((layout, s), s, True, kw) for layout, kw in MOE_LAYOUTS.items() for s in STRATEGIES]
-    return ep1, run_distributed(_job, world_size=2, args=(runs,), timeout=900)
+    ep1, got = run_side_by_side(
+        dict(fn=_job, world_size=1, args=([(("ep1", s), s, True, REFERENCE) for s in STRATEGIES],), timeout=900),
+        dict(fn=_job, world_size=2, args=(runs,), timeout=900),
+    )
+    return ep1[0], got
 
 
 MOE_LAYOUTS = {
@@ -242,38 +246,30 @@ def test_moe_matches_ep1(moe_results, layout, strategy):
 FOLD_STEP = dict(fold_once_per_step=True)
 
 
-@pytest.mark.parametrize("strategy", ["dp", "unified"])
-def test_fold_once_per_step_matches_per_micro_batch(strategy):
+FOLD_STRATEGIES = ["dp", "unified"]
+
+
+def _fold_runs():
+    """The --sv-fold-once-per-step runs (of test_fold_once_per_step_matches_per_micro_batch), in the dense
+    fixture's jobs: (single-rank runs, two-rank runs)."""
+    mb2 = dict(micro_batch_size=1, num_microbatches=2)
+    one = [(("fold_micro", s), s, False, dict(parallel={}, **mb2)) for s in FOLD_STRATEGIES]
+    one += [(("fold_step", s), s, False, dict(parallel={}, **mb2, **FOLD_STEP)) for s in FOLD_STRATEGIES]
+    two = [(("fold_pp2", s), s, False, dict(parallel={"pp": 2}, **mb2, **FOLD_STEP)) for s in FOLD_STRATEGIES]
+    two += [
+        (("fold_tp2", s), s, False, dict(parallel={"tp": 2, "sp": True}, **mb2, **FOLD_STEP)) for s in FOLD_STRATEGIES
+    ]
+    return one, two
+
+
+@pytest.mark.parametrize("strategy", FOLD_STRATEGIES)
+def test_fold_once_per_step_matches_per_micro_batch(dense_results, strategy):
     """The fp32 cached fold once per optimizer step (--sv-fold-once-per-step: dL/dW_eff accumulated in
     main_grad, chain rule once per step after the reduction) trains exactly like folding per micro-batch:
     2 micro-batches on one rank, and PP2 / TP2+SP."""
-    ref = run_distributed(
-        _job,
-        world_size=1,
-        args=(
-            [
-                ("micro", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2)),
-                ("step", strategy, False, dict(parallel={}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
-            ],
-        ),
-        timeout=600,
-    )[0]
-    got = run_distributed(
-        _job,
-        world_size=2,
-        args=(
-            [
-                ("pp2", strategy, False, dict(parallel={"pp": 2}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP)),
-                (
-                    "tp2",
-                    strategy,
-                    False,
-                    dict(parallel={"tp": 2, "sp": True}, micro_batch_size=1, num_microbatches=2, **FOLD_STEP),
-                ),
-            ],
-        ),
-        timeout=600,
-    )
+    ref, per_rank = dense_results
+    ref = {k: ref[(f"fold_{k}", strategy)] for k in ("micro", "step")}
+    got = [{k: r[(f"fold_{k}", strategy)] for k in ("pp2", "tp2")} for r in per_rank]
     expected = torch.tensor(ref["micro"]["losses"])
     torch.testing.assert_close(torch.tensor(ref["step"]["losses"]), expected, rtol=2e-5, atol=2e-6)
     for key in ("pp2", "tp2"):

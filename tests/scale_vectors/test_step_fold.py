@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.distributed import run_distributed
+from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
 
 # A real bug changes a gradient by a factor (double / missing reduction: >= 0.5 relative) or uses a stale
@@ -224,7 +224,6 @@ def results():
             (("fp32_step", s), s, dict(TP1, fold="step")),
         ]
     one += [(("bf16_moe", "unified"), "unified", dict(TP1, bf16=True, moe=True))]
-    ref = run_distributed(_job, world_size=1, args=(one,), timeout=900)[0]
     two = [((name, s), s, dict(kw, bf16=True)) for name, kw in LAYOUTS.items() for s in STRATEGIES]
     two += [
         (
@@ -233,7 +232,11 @@ def results():
             dict(parallel={"ep": 2}, micro_batch_size=1, num_microbatches=1, bf16=True, moe=True, lr=1e-3),
         )
     ]
-    return ref, run_distributed(_job, world_size=2, args=(two,), timeout=900)
+    two += _planted_runs()
+    ref, got = run_side_by_side(
+        dict(fn=_job, world_size=1, args=(one,), timeout=900), dict(fn=_job, world_size=2, args=(two,), timeout=900)
+    )
+    return ref[0], got
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -290,20 +293,24 @@ def test_bf16_moe_ep2_matches_ep1(results):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
 
 
-def test_planted_bugs_are_caught():
-    """Mutation tests: the oracles above fail when the DP partial sums of the vectors' gradients are
-    dropped, when the copy writes W without folding it, and when a cached fold is reused after the
-    parameters changed through the distributed optimizer's all-gather (issue: stale folded weight)."""
+def _planted_runs():
+    """The runs of test_planted_bugs_are_caught (in the fixture's two-rank job; the bf16 run without a plant
+    is that job's ("dp2_distopt_overlap", "dp"))."""
     dp2 = LAYOUTS["dp2_distopt_overlap"]
-    runs = [
-        (("ok", "dp"), "dp", dict(dp2, bf16=True)),
+    return [
         (("no_sum", "dp"), "dp", dict(dp2, bf16=True, plant="no_dp_partial_sum")),
         (("no_fold", "dp"), "dp", dict(dp2, bf16=True, plant="no_fold_at_copy")),
         (("fp32_step", "dp"), "dp", dict(dp2, fold="step")),
         (("stale", "dp"), "dp", dict(dp2, fold="step", plant="stale_cache")),
     ]
-    got = run_distributed(_job, world_size=2, args=(runs,), timeout=600)[0]
-    ok = got[("ok", "dp")]
+
+
+def test_planted_bugs_are_caught(results):
+    """Mutation tests: the oracles above fail when the DP partial sums of the vectors' gradients are
+    dropped, when the copy writes W without folding it, and when a cached fold is reused after the
+    parameters changed through the distributed optimizer's all-gather (issue: stale folded weight)."""
+    got = results[1][0]
+    ok = got[("dp2_distopt_overlap", "dp")]
     vectors = [n for n in ok["grads"] if "scales" in n]
     with pytest.raises(AssertionError):
         _assert_grads_close(got[("no_sum", "dp")]["grads"], ok["grads"], GRAD_REL_BF16, vectors)

@@ -30,6 +30,12 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 KILL_WAIT_S = 30  # Slurm's default: the time between SIGTERM and SIGKILL for the exit save
+# A requeued job waits cred_expire seconds before it may start again (slurm.conf(5); default 120 s): 30 s is
+# still ample for a step's credential on a busy 2-core machine (srun starts its step within seconds).
+CRED_EXPIRE_S = 30
+# The main scheduling loop's period (default 60 s). Jobs are also scheduled at once on events (a submission,
+# a job's end), but a job whose dependency has just been satisfied can wait for this loop.
+SCHED_INTERVAL_S = 5
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -174,7 +180,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 SlurmUser={user}
 SlurmdUser={user}
 StateSaveLocation={root}/state
@@ -191,6 +197,7 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 MpiDefault=none
 ReturnToService=2
 KillWait={KILL_WAIT_S}

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.slurm.conftest import CRED_EXPIRE_S
 from tests.training.cli import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -250,7 +251,7 @@ def test_requeue_restarts_the_job_and_it_resumes_by_itself(slurm_cluster, corpus
     )
     wait_for_iteration(cluster, job, save, 3)
     cluster.cmd("scontrol", "requeue", str(job))
-    info = cluster.wait_done(job, JOB_TIMEOUT + 120)  # a requeued job waits a while before it starts again
+    info = cluster.wait_done(job, JOB_TIMEOUT + CRED_EXPIRE_S)  # a requeued job waits before it starts again
     text = output(save, job)  # --open-mode=append: both runs of the job
     assert_completed(info, text)
     assert info["Restarts"] == "1", info
