@@ -144,13 +144,26 @@ def _logits_at_layout(model, pp: int, vocab: int) -> torch.Tensor:
         return model(t, pos, None)
 
 
-def make_sources(rank, world_size, tp, pp, moe, root):
+def _end_task(keep_process_group: bool) -> None:
+    """Tear down Megatron's parallel state; the process group too unless the job has more tasks (re-creating
+    the default gloo group in one process can hang)."""
+    from megatron.core import parallel_state
+
+    from megatron_sv.platform import destroy_distributed
+
+    if keep_process_group:
+        parallel_state.destroy_model_parallel()
+    else:
+        destroy_distributed()
+
+
+def make_sources(rank, world_size, tp, pp, moe, root, keep_process_group=False):
     """On each rank: for every strategy build the model at TP/PP, perturb its vectors, record logits before
     and after, and save a checkpoint ``root/<strategy>``. Returns {strategy: (logits, unperturbed)}."""
     from megatron_sv.checkpointing import save_checkpoint
     from megatron_sv.checkpointing.model_io import args_for_model
     from megatron_sv.models.gpt.model import ParallelLayout, build_gpt_model, transformer_config
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.platform import initialize_distributed
     from megatron_sv.scale_vectors.config import strategy_config
 
     initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5)
@@ -171,16 +184,23 @@ def make_sources(rank, world_size, tp, pp, moe, root):
             save_checkpoint(os.path.join(root, strategy), 3, [model], extra={"args": args}, log=lambda s: None)
             out[strategy] = (after, before, count)
     finally:
-        destroy_distributed()
+        _end_task(keep_process_group)
     return out
 
 
-def layout_logits(rank, world_size, tp, pp, ep, roots, vocab):
+def make_all_sources(rank, world_size, sources):
+    """make_sources for every (key, tp, pp, moe, root) of ``sources`` in one job: {key: its result}."""
+    out = {key: make_sources(rank, world_size, *rest, keep_process_group=True) for key, *rest in sources}
+    _end_task(False)
+    return out
+
+
+def layout_logits(rank, world_size, tp, pp, ep, roots, vocab, keep_process_group=False):
     """Load each checkpoint in ``roots`` at TP/PP/EP and return the full logits (last stage)."""
     from megatron_sv.checkpointing import load_checkpoint
     from megatron_sv.checkpointing.model_io import read_checkpoint_args, shape_from_args, sv_config_from_args
     from megatron_sv.models.gpt.model import ParallelLayout, build_gpt_model, transformer_config
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.platform import initialize_distributed
 
     initialize_distributed(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep, seed=5
@@ -199,5 +219,12 @@ def layout_logits(rank, world_size, tp, pp, ep, roots, vocab):
             logits = _logits_at_layout(model, pp, vocab)
             out[name] = None if logits is None else logits[..., :vocab]
     finally:
-        destroy_distributed()
+        _end_task(keep_process_group)
+    return out
+
+
+def all_layout_logits(rank, world_size, layouts, vocab):
+    """layout_logits for every (key, tp, pp, ep, roots) of ``layouts`` in one job: {key: its result}."""
+    out = {key: layout_logits(rank, world_size, *rest, vocab, keep_process_group=True) for key, *rest in layouts}
+    _end_task(False)
     return out

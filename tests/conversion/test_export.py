@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conversion.helpers import STRATEGIES, hf_logits, load_hf, make_sources
+from tests.conversion.helpers import STRATEGIES, hf_logits, load_hf, make_all_sources
 from tests.helpers.distributed import run_distributed
 
 SOURCES = {"tp2-dense": (2, 1, False), "pp2-dense": (1, 2, False), "tp2-moe": (2, 1, True), "pp2-moe": (1, 2, True)}
@@ -15,18 +15,12 @@ SOURCES = {"tp2-dense": (2, 1, False), "pp2-dense": (1, 2, False), "tp2-moe": (2
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    made = {}
-
-    def get(key):
-        if key not in made:
-            tp, pp, moe = SOURCES[key]
-            root = str(tmp_path_factory.mktemp(key))
-            results = run_distributed(make_sources, world_size=2, args=(tp, pp, moe, root), timeout=600)
-            logits = results[-1]  # the last rank holds full logits at TP2 and is the last stage at PP2
-            made[key] = (root, logits)
-        return made[key]
-
-    return get
+    roots = {key: str(tmp_path_factory.mktemp(key)) for key in SOURCES}
+    todo = [(key, *SOURCES[key], roots[key]) for key in SOURCES]
+    results = run_distributed(make_all_sources, world_size=2, args=(todo,), timeout=600)
+    # the last rank holds full logits at TP2 and is the last stage at PP2
+    made = {key: (roots[key], results[-1][key]) for key in SOURCES}
+    return made.__getitem__
 
 
 @pytest.mark.parametrize("key", list(SOURCES))

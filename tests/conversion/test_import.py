@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conversion.helpers import FOLDABLE, hf_logits, layout_logits, megatron_logits_single, tiny_hf
+from tests.conversion.helpers import FOLDABLE, all_layout_logits, hf_logits, megatron_logits_single, tiny_hf
 from tests.helpers.distributed import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,14 +57,22 @@ def test_import_mistral_parity(hf_models, single_process, tmp_path):
     assert (megatron_logits_single(str(tmp_path / "m"), 100) - hf_models["mistral"][1]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "ep2"])
-def test_imported_checkpoint_loads_at_other_layouts(hf_models, imported, layout):
+LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2)}
+
+
+@pytest.fixture(scope="module")
+def other_layouts(imported):
+    todo = []
+    for key, (tp, pp, ep) in LAYOUTS.items():
+        kinds = ["mixtral"] if ep > 1 else ["llama", "mixtral"]
+        todo.append((key, tp, pp, ep, {f"{k}-{s}": imported[(k, s)] for k in kinds for s in ("hg", "dp", "er")}))
+    return run_distributed(all_layout_logits, world_size=2, args=(todo, 100), timeout=600)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_imported_checkpoint_loads_at_other_layouts(hf_models, other_layouts, layout):
     """A checkpoint written by the single-process converter (TP1/PP1/EP1) loads at any layout."""
-    tp, pp, ep = layout
-    kinds = ["mixtral"] if ep > 1 else ["llama", "mixtral"]
-    roots = {f"{k}-{s}": imported[(k, s)] for k in kinds for s in ("hg", "dp", "er")}
-    results = run_distributed(layout_logits, world_size=2, args=(tp, pp, ep, roots, 100), timeout=600)
-    for name, logits in results[-1].items():
+    for name, logits in other_layouts[-1][layout].items():
         ref = hf_models[name.split("-")[0]][1]
         assert (logits - ref).abs().max().item() <= 1e-4, name
 

@@ -20,10 +20,6 @@ def _is_norm(name: str, param=None) -> bool:
     return "layernorm" in name
 
 
-def _train(rank, world_size, parallel, kwargs):
-    return train_steps(parallel, **kwargs)
-
-
 def _drop_sequence_parallel_marks(model):
     """The classic silent bug: a replicated norm weight without ``sequence_parallel``."""
     for name, p in model.named_parameters():
@@ -31,22 +27,76 @@ def _drop_sequence_parallel_marks(model):
             p.sequence_parallel = False
 
 
-def _train_broken(rank, world_size, parallel, kwargs):
-    return train_steps(parallel, model_hook=_drop_sequence_parallel_marks, **kwargs)
+def _job(rank, world_size, tasks):
+    """Every (key, kind, parallel, kwargs) of ``tasks`` in this one job: "train" (train_steps), "save" / "load"
+    (the checkpoint test below). The process group stays for the next task; one spawn serves them all."""
+    from megatron_sv.platform import destroy_distributed
 
-
-def _run(world_size, parallel=None, **kwargs):
-    return run_distributed(_train, world_size=world_size, args=(parallel or {}, kwargs))
+    out = {}
+    for key, kind, parallel, kwargs in tasks:
+        if kind == "train":
+            out[key] = train_steps(parallel, keep_process_group=True, **kwargs)
+        else:
+            out[key] = _save_or_load(parallel.get("tp", 1), mode=kind, **kwargs)
+    destroy_distributed()
+    return out
 
 
 @pytest.fixture(scope="module")
-def single_dense():
-    return _run(1, collect_grads=_is_norm)[0]
+def ckpt_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parity"))
 
 
 @pytest.fixture(scope="module")
-def single_dense_two_microbatches():
-    return _run(1, num_microbatches=2)[0]
+def two_ranks(ckpt_dir):
+    """Every two-rank run of this module, in one job. The MoE run at EP2 saves its initial weights (expert
+    weights are drawn per rank), and the EP1 reference starts from them (which also exercises expert
+    resharding in dist_checkpointing)."""
+    init, ckpt = os.path.join(ckpt_dir, "moe_init"), os.path.join(ckpt_dir, "tp2")
+    tasks = [
+        ("tp2", "train", {"tp": 2}, {}),
+        ("tp2_sp", "train", {"tp": 2}, dict(config_overrides={"sequence_parallel": True}, collect_grads=_is_norm)),
+        # the oracle's planted bug: a norm weight that is not marked sequence-parallel
+        (
+            "tp2_sp_broken",
+            "train",
+            {"tp": 2},
+            dict(
+                config_overrides={"sequence_parallel": True},
+                collect_grads=_is_norm,
+                steps=1,
+                model_hook=_drop_sequence_parallel_marks,
+            ),
+        ),
+        ("pp2", "train", {"pp": 2}, dict(num_microbatches=2)),
+        ("dp2_distopt", "train", {}, dict(num_microbatches=1, use_distributed_optimizer=True)),
+        ("ep2", "train", {"ep": 2}, dict(config_overrides=MOE, num_microbatches=1, save_init_to=init)),
+        ("save_tp2", "save", {"tp": 2}, dict(ckpt_dir=ckpt, seed=1)),
+    ]
+    return run_distributed(_job, world_size=2, args=(tasks,), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_rank(two_ranks, ckpt_dir):
+    """Every single-rank run, in one job (after the two-rank job: it reads the checkpoints that one wrote)."""
+    init, ckpt = os.path.join(ckpt_dir, "moe_init"), os.path.join(ckpt_dir, "tp2")
+    tasks = [
+        ("dense", "train", {}, dict(collect_grads=_is_norm)),
+        ("dense_2mb", "train", {}, dict(num_microbatches=2)),
+        ("moe_ep1", "train", {}, dict(config_overrides=MOE, num_microbatches=2, load_init_from=init)),
+        ("load_tp1", "load", {}, dict(ckpt_dir=ckpt, seed=2)),
+    ]
+    return run_distributed(_job, world_size=1, args=(tasks,), timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def single_dense(one_rank):
+    return one_rank["dense"]
+
+
+@pytest.fixture(scope="module")
+def single_dense_two_microbatches(one_rank):
+    return one_rank["dense_2mb"]
 
 
 def assert_losses_equal(actual, expected):
@@ -60,14 +110,13 @@ def test_training_changes_the_loss(single_dense):
     assert len(set(single_dense["losses"])) == 3
 
 
-def test_tp2_matches_tp1(single_dense):
-    results = _run(2, {"tp": 2})
-    for r in results:
-        assert_losses_equal(r["losses"], single_dense["losses"])
+def test_tp2_matches_tp1(single_dense, two_ranks):
+    for r in two_ranks:
+        assert_losses_equal(r["tp2"]["losses"], single_dense["losses"])
 
 
-def test_tp2_sequence_parallel_matches_tp1_and_norm_grads_agree(single_dense):
-    results = _run(2, {"tp": 2}, config_overrides={"sequence_parallel": True}, collect_grads=_is_norm)
+def test_tp2_sequence_parallel_matches_tp1_and_norm_grads_agree(single_dense, two_ranks):
+    results = [r["tp2_sp"] for r in two_ranks]
     for r in results:
         assert_losses_equal(r["losses"], single_dense["losses"])
     g0, g1 = results[0]["grads"], results[1]["grads"]
@@ -78,38 +127,27 @@ def test_tp2_sequence_parallel_matches_tp1_and_norm_grads_agree(single_dense):
         torch.testing.assert_close(g0[name], single_dense["grads"][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_missing_sequence_parallel_mark_is_caught():
+def test_missing_sequence_parallel_mark_is_caught(two_ranks):
     """The oracle above must fail when a norm weight is not marked: grads then differ per rank."""
-    results = run_distributed(
-        _train_broken,
-        world_size=2,
-        args=({"tp": 2}, {"config_overrides": {"sequence_parallel": True}, "collect_grads": _is_norm, "steps": 1}),
-    )
-    g0, g1 = results[0]["grads"], results[1]["grads"]
+    g0, g1 = (r["tp2_sp_broken"]["grads"] for r in two_ranks)
     assert any(not torch.allclose(g0[n], g1[n]) for n in g0)
 
 
-def test_pp2_matches_single_rank(single_dense_two_microbatches):
-    results = _run(2, {"pp": 2}, num_microbatches=2)
-    for r in results:
-        assert_losses_equal(r["losses"], single_dense_two_microbatches["losses"])
+def test_pp2_matches_single_rank(single_dense_two_microbatches, two_ranks):
+    for r in two_ranks:
+        assert_losses_equal(r["pp2"]["losses"], single_dense_two_microbatches["losses"])
 
 
-def test_dp2_distributed_optimizer_matches_single_rank(single_dense_two_microbatches):
-    results = _run(2, {}, num_microbatches=1, use_distributed_optimizer=True)
+def test_dp2_distributed_optimizer_matches_single_rank(single_dense_two_microbatches, two_ranks):
+    results = [r["dp2_distopt"] for r in two_ranks]
     for r in results:
         assert_losses_equal(r["losses"], single_dense_two_microbatches["losses"])
     assert results[0]["grad_norm"] == pytest.approx(single_dense_two_microbatches["grad_norm"], rel=1e-5)
 
 
-def test_moe_ep2_matches_ep1(tmp_path):
-    # expert weights are drawn per rank, so EP2 starts from EP1's initial weights via a
-    # checkpoint (which also exercises expert resharding in dist_checkpointing)
-    init = str(tmp_path / "init")
-    single = _run(1, config_overrides=MOE, num_microbatches=2, save_init_to=init)[0]
-    results = _run(2, {"ep": 2}, config_overrides=MOE, num_microbatches=1, load_init_from=init)
-    for r in results:
-        assert_losses_equal(r["losses"], single["losses"])
+def test_moe_ep2_matches_ep1(one_rank, two_ranks):
+    for r in two_ranks:
+        assert_losses_equal(r["ep2"]["losses"], one_rank["moe_ep1"]["losses"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,11 +164,11 @@ def _full_logits(model):
         return gather_from_tensor_model_parallel_region(logits.contiguous())
 
 
-def _save_or_load(rank, world_size, tp, ckpt_dir, mode, seed):
-    from megatron.core import dist_checkpointing
+def _save_or_load(tp, ckpt_dir, mode, seed):
+    from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_sv.models.gpt.reference_model import build_reference_gpt, reference_config
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
+    from megatron_sv.platform import initialize_distributed
 
     initialize_distributed(tensor_model_parallel_size=tp, seed=seed)
     try:
@@ -147,13 +185,12 @@ def _save_or_load(rank, world_size, tp, ckpt_dir, mode, seed):
             return {"before": before, "logits": _full_logits(model)}
         return {"logits": _full_logits(model)}
     finally:
-        destroy_distributed()
+        parallel_state.destroy_model_parallel()  # the process group stays for the job's next task
 
 
-def test_checkpoint_saved_at_tp2_loads_at_tp1(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    saved = run_distributed(_save_or_load, world_size=2, args=(2, ckpt, "save", 1))
+def test_checkpoint_saved_at_tp2_loads_at_tp1(two_ranks, one_rank):
+    saved = [r["save_tp2"] for r in two_ranks]
     torch.testing.assert_close(saved[0]["logits"], saved[1]["logits"], rtol=0, atol=0)
-    loaded = run_distributed(_save_or_load, world_size=1, args=(1, ckpt, "load", 2))[0]
+    loaded = one_rank["load_tp1"]
     assert not torch.allclose(loaded["before"], saved[0]["logits"])  # a different init before loading
     torch.testing.assert_close(loaded["logits"], saved[0]["logits"], rtol=1e-6, atol=1e-6)

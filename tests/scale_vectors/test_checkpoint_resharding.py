@@ -49,41 +49,6 @@ def _save_and_logits(model, path):
 STRATEGIES = ["dp", "unified"]
 
 
-def _train_and_save(rank, world_size, moe, parallel, run_kwargs, root):
-    from megatron_sv.platform import destroy_distributed
-
-    out = {}
-    for strategy in STRATEGIES:  # one spawned job for all strategies (start-up dominates)
-        res = train_steps(
-            parallel,
-            build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
-            steps=2,
-            finish=functools.partial(_save_and_logits, path=f"{root}/{strategy}"),
-            keep_process_group=True,
-            **run_kwargs,
-        )
-        out[strategy] = res["finish"]
-    destroy_distributed()
-    return out
-
-
-def _load_at_tp1(rank, world_size, moe, root):
-    from megatron.core import dist_checkpointing
-
-    from megatron_sv.platform import destroy_distributed, initialize_distributed
-
-    initialize_distributed(seed=99)
-    try:
-        out = {}
-        for strategy in STRATEGIES:
-            _, model = build_sv_model({}, strategy, moe=moe, seed=99)  # different init: all from disk
-            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{root}/{strategy}"))
-            out[strategy] = full_logits(model)
-        return out
-    finally:
-        destroy_distributed()
-
-
 CASES = {
     "tp2": ({"tp": 2}, dict(micro_batch_size=2), False),
     "pp2": ({"pp": 2}, dict(micro_batch_size=1, num_microbatches=2), False),
@@ -91,14 +56,57 @@ CASES = {
 }
 
 
+def _train_and_save(rank, world_size, root):
+    """Every case and strategy in one spawned job (start-up dominates)."""
+    from megatron_sv.platform import destroy_distributed
+
+    out = {}
+    for case, (parallel, run_kwargs, moe) in CASES.items():
+        for strategy in STRATEGIES:
+            res = train_steps(
+                parallel,
+                build_model=functools.partial(build_sv_model, strategy=strategy, moe=moe),
+                steps=2,
+                finish=functools.partial(_save_and_logits, path=f"{root}/{case}/{strategy}"),
+                keep_process_group=True,
+                **run_kwargs,
+            )
+            out[(case, strategy)] = res["finish"]
+    destroy_distributed()
+    return out
+
+
+def _load_at_tp1(rank, world_size, root):
+    from megatron.core import dist_checkpointing
+
+    from megatron_sv.platform import destroy_distributed, initialize_distributed
+
+    initialize_distributed(seed=99)
+    try:
+        out = {}
+        for case, (_, _, moe) in CASES.items():
+            for strategy in STRATEGIES:
+                _, model = build_sv_model({}, strategy, moe=moe, seed=99)  # different init: all from disk
+                path = f"{root}/{case}/{strategy}"
+                model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
+                out[(case, strategy)] = full_logits(model)
+        return out
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def saved_and_loaded(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    saved = run_distributed(_train_and_save, world_size=2, args=(root,), timeout=600)
+    return saved, run_distributed(_load_at_tp1, world_size=1, args=(root,), timeout=600)[0]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_checkpoint_saved_sharded_loads_at_tp1(tmp_path, case):
-    parallel, run_kwargs, moe = CASES[case]
-    root = str(tmp_path / "ckpt")
-    saved = run_distributed(_train_and_save, world_size=2, args=(moe, parallel, run_kwargs, root), timeout=600)
-    loaded = run_distributed(_load_at_tp1, world_size=1, args=(moe, root), timeout=600)[0]
+def test_checkpoint_saved_sharded_loads_at_tp1(saved_and_loaded, case):
+    saved, loaded = saved_and_loaded
     for strategy in STRATEGIES:
-        before = saved[-1][strategy]  # the last rank holds the last stage's logits
-        after = loaded[strategy]
+        before = saved[-1][(case, strategy)]  # the last rank holds the last stage's logits
+        after = loaded[(case, strategy)]
         assert before is not None
         assert torch.allclose(after, before, rtol=0, atol=1e-6), (strategy, (after - before).abs().max())

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.tools.study_fixtures import ROOT, load_tool
 
 report = load_tool("ablation_report")
@@ -34,6 +36,9 @@ exec "$PYTHON" "$REPO/pretrain_gpt_sv.py" --num-layers 2 --hidden-size 64 --num-
 """
 
 
+# Three rounds of jobs one after another (the sweep, the comparison, the last continuation), each a few tiny
+# runs; plus the session's cluster start-up when this test comes first. The whole wait is bounded below.
+@pytest.mark.timeout(600)
 def test_submit_runs_the_sweep_then_the_comparison(slurm_cluster, tmp_path):
     cluster = slurm_cluster
     job = tmp_path / "job.sh"
@@ -63,7 +68,7 @@ def test_submit_runs_the_sweep_then_the_comparison(slurm_cluster, tmp_path):
         r2 = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
         assert r2.returncode == 0 and ": job " not in r2.stdout, r2.stdout + r2.stderr
         assert "is already pending" in r2.stdout, r2.stdout
-        deadline = time.time() + 900
+        deadline = time.time() + 480
         while cluster.cmd("squeue", "-h", "-o", "%i", check=False).stdout.split():
             assert time.time() < deadline, "the study's jobs did not finish\n" + cluster.logs()
             time.sleep(2)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 from tests.helpers.distributed import find_free_port
@@ -89,6 +90,19 @@ def run(args: Sequence[str], nproc: int = 2, timeout: float = 240, extra_env: Op
         return subprocess.run(command(args, nproc), cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     finally:
         kill_tagged(e[TAG_VAR])
+
+
+# at most this many CLI jobs of one test at once: each rank holds a few hundred MB
+SIDE_BY_SIDE = 3
+
+
+def run_side_by_side(*runs: Dict) -> List[subprocess.CompletedProcess]:
+    """Several independent ``run(**kwargs)`` at once (up to SIDE_BY_SIDE), results in order: a single-rank
+    job uses one core (OMP_NUM_THREADS=1), and a job spends seconds starting up, so jobs side by side keep the
+    machine's cores busy instead of waiting for each other."""
+    with ThreadPoolExecutor(min(len(runs), SIDE_BY_SIDE)) as pool:
+        futures = [pool.submit(run, **kwargs) for kwargs in runs]
+    return [f.result() for f in futures]
 
 
 def start(args: Sequence[str], nproc: int = 2, launcher: str = "torch.distributed.run") -> subprocess.Popen:

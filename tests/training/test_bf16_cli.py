@@ -7,7 +7,7 @@ import torch
 
 from megatron_sv.checkpointing import read_tracker
 from megatron_sv.checkpointing.layout import checkpoint_dir
-from tests.training.cli import TINY, check, losses, run
+from tests.training.cli import TINY, check, losses, run, run_side_by_side
 
 BF16_DP2 = ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
 
@@ -36,11 +36,14 @@ def test_bf16_checkpoint_holds_unfolded_weights(tmp_path, megatron_single_rank):
 
 def test_bf16_distributed_optimizer_overlap_resume_is_exact(tmp_path):
     full = str(tmp_path / "full.jsonl")
-    check(run([*TINY, *BF16_DP2, "--train-iters", "4", "--metrics-file", full]))
     ckpt = str(tmp_path / "ckpt")
     part = str(tmp_path / "part.jsonl")
     args = [*TINY, *BF16_DP2, "--train-iters", "4", "--save", ckpt, "--load", ckpt, "--metrics-file", part]
-    check(run([*args, "--exit-interval", "2"]))
+    for r in run_side_by_side(
+        dict(args=[*TINY, *BF16_DP2, "--train-iters", "4", "--metrics-file", full]),
+        dict(args=[*args, "--exit-interval", "2"]),
+    ):
+        check(r)
     check(run(args))  # loads the fp32 masters, refolds the bf16 weights from them
     want, got = losses(full), losses(part)
     assert sorted(got) == [1, 2, 3, 4]
@@ -53,30 +56,17 @@ def test_bf16_loss_curve_tracks_fp32(tmp_path):
     over 20 steps) at every point, while both fall by more than 1.0. A wrong chain rule or a stale
     weight moves the curve by more than that within a few dozen steps."""
     small = [a if a != "8" else "2" for a in TINY]  # --global-batch-size 2: one micro-batch per step
-    curves = {}
-    for name, extra in [("fp32", []), ("bf16", ["--bf16"])]:
-        metrics = str(tmp_path / f"{name}.jsonl")
-        check(
-            run(
-                [
-                    *small,
-                    *extra,
-                    "--train-iters",
-                    "200",
-                    "--lr",
-                    "1e-3",
-                    "--min-lr",
-                    "1e-4",
-                    "--log-interval",
-                    "50",
-                    "--metrics-file",
-                    metrics,
-                ],
-                nproc=1,
-                timeout=600,
-            )
+    precisions = {"fp32": [], "bf16": ["--bf16"]}
+    flags = ["--train-iters", "200", "--lr", "1e-3", "--min-lr", "1e-4", "--log-interval", "50", "--metrics-file"]
+    metrics = {name: str(tmp_path / f"{name}.jsonl") for name in precisions}
+    for result in run_side_by_side(
+        *(
+            dict(args=[*small, *extra, *flags, metrics[name]], nproc=1, timeout=600)
+            for name, extra in precisions.items()
         )
-        curves[name] = torch.tensor([losses(metrics)[i] for i in range(1, 201)])
+    ):
+        check(result)
+    curves = {name: torch.tensor([losses(metrics[name])[i] for i in range(1, 201)]) for name in precisions}
     smooth = {k: v.unfold(0, 20, 20).mean(1) for k, v in curves.items()}
     assert smooth["fp32"][0] - smooth["fp32"][-1] > 1.0
     assert smooth["bf16"][0] - smooth["bf16"][-1] > 1.0

@@ -8,28 +8,36 @@ import shutil
 import pytest
 
 from megatron_sv.checkpointing import read_tracker
-from tests.training.cli import TINY, check, losses, read_metrics, run
+from tests.training.cli import TINY, check, losses, read_metrics, run, run_side_by_side
 
 ITERS = 4
 
 
-def _run_layout(tmp_path, name, layout, nproc, iters=ITERS, extra=()):
-    metrics = str(tmp_path / f"{name}.jsonl")
-    check(run([*TINY, "--train-iters", str(iters), "--metrics-file", metrics, *layout, *extra], nproc=nproc))
-    return losses(metrics)
+def _side_by_side(*runs):
+    """CLI runs at the same time, each a (args, nproc) pair; each must succeed."""
+    return [check(r) for r in run_side_by_side(*(dict(args=args, nproc=nproc) for args, nproc in runs))]
 
 
 def test_tp2_pp2_dp2_match_single_rank(tmp_path):
-    ref = _run_layout(tmp_path, "tp1", [], 1)
+    layouts = {
+        "tp1": ([], 1),
+        "tp2": (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2),
+        "pp2": (["--pipeline-model-parallel-size", "2"], 2),
+        "dp2": (["--use-distributed-optimizer"], 2),
+        "pp2_fold_once_per_step": (["--pipeline-model-parallel-size", "2", "--sv-fold-once-per-step"], 2),
+    }
+    metrics = {name: str(tmp_path / f"{name}.jsonl") for name in layouts}
+    _side_by_side(
+        *(
+            ([*TINY, "--train-iters", str(ITERS), "--metrics-file", metrics[name], *layout], nproc)
+            for name, (layout, nproc) in layouts.items()
+        )
+    )
+    ref = losses(metrics["tp1"])
     assert sorted(ref) == list(range(1, ITERS + 1))
     assert ref[ITERS] < ref[1]
-    for name, layout in [
-        ("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-        ("pp2", ["--pipeline-model-parallel-size", "2"]),
-        ("dp2", ["--use-distributed-optimizer"]),
-        ("pp2_fold_once_per_step", ["--pipeline-model-parallel-size", "2", "--sv-fold-once-per-step"]),
-    ]:
-        got = _run_layout(tmp_path, name, layout, 2)
+    for name in list(layouts)[1:]:
+        got = losses(metrics[name])
         assert sorted(got) == sorted(ref), name
         for i in ref:
             assert got[i] == pytest.approx(ref[i], rel=2e-5, abs=2e-5), (name, i, got[i], ref[i])
@@ -37,36 +45,25 @@ def test_tp2_pp2_dp2_match_single_rank(tmp_path):
 
 def test_resume_matches_uninterrupted_and_reshards(tmp_path):
     layout = ["--tensor-model-parallel-size", "2"]
-    full = _run_layout(tmp_path, "full", layout, 2, iters=6)
+    full = str(tmp_path / "full.jsonl")
     ckpt = str(tmp_path / "ckpt")
     part = str(tmp_path / "part.jsonl")
     args = [*TINY, *layout, "--train-iters", "6", "--save", ckpt, "--load", ckpt, "--metrics-file", part]
-    out = check(run([*args, "--exit-interval", "3"])).stdout
-    assert read_tracker(ckpt) == 3 and "exiting at iteration 3" in out
+    _, out = _side_by_side(
+        ([*TINY, *layout, "--train-iters", "6", "--metrics-file", full], 2), ([*args, "--exit-interval", "3"], 2)
+    )
+    full = losses(full)
+    assert read_tracker(ckpt) == 3 and "exiting at iteration 3" in out.stdout
     shutil.copytree(ckpt, str(tmp_path / "ckpt_at_3"))
-    check(run(args))
+    # the rest of the run, and the TP2 checkpoint of iteration 3 resumed at PP2 (model and optimizer resharded)
+    pp = str(tmp_path / "pp.jsonl")
+    pp_args = ["--pipeline-model-parallel-size", "2", "--train-iters", "6", "--load", str(tmp_path / "ckpt_at_3")]
+    _side_by_side((args, 2), ([*TINY, *pp_args, "--metrics-file", pp], 2))
     resumed = losses(part)
     assert sorted(resumed) == list(range(1, 7))
     for i in range(1, 7):
         assert resumed[i] == full[i], (i, resumed[i], full[i])  # bit-exact
     assert read_tracker(ckpt) == 6
-    # the TP2 checkpoint of iteration 3 resumed at PP2 (model and optimizer resharded)
-    pp = str(tmp_path / "pp.jsonl")
-    check(
-        run(
-            [
-                *TINY,
-                "--pipeline-model-parallel-size",
-                "2",
-                "--train-iters",
-                "6",
-                "--load",
-                str(tmp_path / "ckpt_at_3"),
-                "--metrics-file",
-                pp,
-            ]
-        )
-    )
     got = losses(pp)
     assert sorted(got) == [4, 5, 6]
     for i in got:
@@ -158,43 +155,30 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
     """DP2 with the distributed optimizer: exact resume, and its checkpoint (fully_reshardable format)
     resumed on one rank (DP1) and at TP2 (model and optimizer state resharded)."""
     layout = ["--use-distributed-optimizer"]
-    full = _run_layout(tmp_path, "full", layout, 2, iters=5)
+    full = str(tmp_path / "full.jsonl")
     ckpt = str(tmp_path / "ckpt")
     part = str(tmp_path / "part.jsonl")
     args = [*TINY, *layout, "--train-iters", "5", "--save", ckpt, "--load", ckpt, "--metrics-file", part]
-    check(run([*args, "--exit-interval", "3"]))
+    _side_by_side(
+        ([*TINY, *layout, "--train-iters", "5", "--metrics-file", full], 2), ([*args, "--exit-interval", "3"], 2)
+    )
+    full = losses(full)
     shutil.copytree(ckpt, str(tmp_path / "ckpt_at_3"))
-    check(run(args))
+    # the rest of the run; the checkpoint of iteration 3 resumed on one rank (DP1) and at TP2
+    tp, tp2 = str(tmp_path / "tp.jsonl"), str(tmp_path / "tp2.jsonl")
+    at_3 = [*TINY, *layout, "--train-iters", "5", "--load", str(tmp_path / "ckpt_at_3")]
+    _side_by_side(
+        (args, 2),
+        ([*at_3, "--metrics-file", tp], 1),
+        ([*at_3, "--tensor-model-parallel-size", "2", "--metrics-file", tp2], 2),
+    )
     resumed = losses(part)
     assert resumed[4] == full[4]  # weights restored exactly
     assert [resumed[i] for i in range(1, 6)] == [full[i] for i in range(1, 6)]
-    tp = str(tmp_path / "tp.jsonl")
-    check(
-        run(
-            [*TINY, *layout, "--train-iters", "5", "--load", str(tmp_path / "ckpt_at_3"), "--metrics-file", tp], nproc=1
-        )
-    )
     got = losses(tp)
     assert sorted(got) == [4, 5]
     for i in got:
         assert got[i] == pytest.approx(full[i], rel=2e-5, abs=2e-5), (i, got[i], full[i])
-    tp2 = str(tmp_path / "tp2.jsonl")
-    check(
-        run(
-            [
-                *TINY,
-                *layout,
-                "--tensor-model-parallel-size",
-                "2",
-                "--train-iters",
-                "5",
-                "--load",
-                str(tmp_path / "ckpt_at_3"),
-                "--metrics-file",
-                tp2,
-            ]
-        )
-    )
     got = losses(tp2)
     assert sorted(got) == [4, 5]
     for i in got:
@@ -204,7 +188,7 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
 def test_async_save_and_exit_duration(tmp_path):
     """--async-save writes the tracker only once the background save is finalized, and the checkpoint
     resumes bit-exactly; --exit-duration-in-mins stops with a checkpoint at the next iteration."""
-    full = _run_layout(tmp_path, "full", [], 1, iters=4)
+    full = str(tmp_path / "full.jsonl")
     ckpt = str(tmp_path / "ckpt")
     part = str(tmp_path / "part.jsonl")
     args = [
@@ -221,30 +205,21 @@ def test_async_save_and_exit_duration(tmp_path):
         "--save-interval",
         "2",
     ]
-    check(run([*args, "--exit-interval", "2"], nproc=1))
+    timed = str(tmp_path / "timed")
+    timed_args = ["--train-iters", "1000", "--save", timed, "--exit-duration-in-mins", "0.0001"]
+    _, _, out = _side_by_side(
+        ([*TINY, "--train-iters", "4", "--metrics-file", full], 1),
+        ([*args, "--exit-interval", "2"], 1),
+        ([*TINY, *timed_args, "--metrics-file", str(tmp_path / "timed.jsonl")], 1),
+    )
+    full = losses(full)
     assert read_tracker(ckpt) == 2
     check(run(args, nproc=1))
     resumed = losses(part)
     assert [resumed[i] for i in (3, 4)] == [full[i] for i in (3, 4)]
     assert read_tracker(ckpt) == 4
 
-    timed = str(tmp_path / "timed")
-    out = check(
-        run(
-            [
-                *TINY,
-                "--train-iters",
-                "1000",
-                "--save",
-                timed,
-                "--exit-duration-in-mins",
-                "0.0001",
-                "--metrics-file",
-                str(tmp_path / "timed.jsonl"),
-            ],
-            nproc=1,
-        )
-    ).stdout
+    out = out.stdout
     stopped = read_tracker(timed)
     assert stopped is not None and stopped < 1000
     assert "--exit-duration-in-mins" in out

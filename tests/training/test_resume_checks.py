@@ -12,7 +12,7 @@ import math
 import pytest
 
 from megatron_sv.checkpointing import read_tracker
-from tests.training.cli import TINY, check, read_metrics, run
+from tests.training.cli import TINY, check, read_metrics, run, run_side_by_side
 
 LR, MIN_LR = 3e-3, 3e-4  # TINY's cosine schedule
 
@@ -29,43 +29,60 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def _refused(args, nproc=1) -> str:
-    r = run(args, nproc=nproc)
-    assert r.returncode == 2, r.stderr[-3000:]
-    lines = [x for x in r.stderr.splitlines() if "error" in x]
-    assert len(lines) == 1, r.stderr[-3000:]
+@pytest.fixture(scope="module")
+def resumes(ckpt, tmp_path_factory):
+    """Every resume of this module from ``ckpt``, side by side (none of them saves): name -> (result,
+    metrics file)."""
+    tmp = tmp_path_factory.mktemp("resumes")
+    schedule = [*TINY, "--train-iters", "4", "--load", ckpt]
+    runs = {
+        "norm_epsilon": [*TINY, "--train-iters", "2", "--load", ckpt, "--norm-epsilon", "1e-6"],
+        "distributed_optimizer": [*TINY, "--train-iters", "2", "--load", ckpt, "--use-distributed-optimizer"],
+        "refused": schedule,
+        "override": [*schedule, "--override-opt_param-scheduler"],
+        "checkpoint": [*schedule, "--use-checkpoint-opt_param-scheduler"],
+    }
+    metrics = {name: str(tmp / f"{name}.jsonl") for name in runs}
+    results = run_side_by_side(
+        *(dict(args=[*args, "--metrics-file", metrics[name]], nproc=1) for name, args in runs.items())
+    )
+    return {name: (r, metrics[name]) for name, r in zip(runs, results)}
+
+
+def _refused(result) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [x for x in result.stderr.splitlines() if "error" in x]
+    assert len(lines) == 1, result.stderr[-3000:]
     return lines[0]
 
 
-def test_changed_model_flag_is_refused_naming_both_values(ckpt):
-    line = _refused([*TINY, "--train-iters", "2", "--load", ckpt, "--norm-epsilon", "1e-6"])
+def test_changed_model_flag_is_refused_naming_both_values(resumes):
+    line = _refused(resumes["norm_epsilon"][0])
     assert "--norm-epsilon: checkpoint 1e-05, now 1e-06" in line
 
 
-def test_switching_the_distributed_optimizer_is_refused_in_one_line(ckpt):
-    line = _refused([*TINY, "--train-iters", "2", "--load", ckpt, "--use-distributed-optimizer"])
+def test_switching_the_distributed_optimizer_is_refused_in_one_line(resumes):
+    line = _refused(resumes["distributed_optimizer"][0])
     assert "--use-distributed-optimizer: checkpoint False, now True" in line and "--no-load-optim" in line
 
 
-def test_changed_schedule_refused_unless_a_flag_says_which_wins(ckpt, tmp_path):
-    resume = [*TINY, "--train-iters", "4", "--load", ckpt]
-
-    r = run([*resume, "--metrics-file", str(tmp_path / "refused.jsonl")], nproc=1)
+def test_changed_schedule_refused_unless_a_flag_says_which_wins(resumes, ckpt):
+    r, refused = resumes["refused"]
     assert r.returncode == 2, r.stderr[-3000:]
     line = [x for x in r.stderr.splitlines() if "checkpoint error" in x]
     assert len(line) == 1, r.stderr[-3000:]
     assert "lr_decay_steps: checkpoint 2, now 4" in line[0]
     assert "--override-opt_param-scheduler" in line[0] and "--use-checkpoint-opt_param-scheduler" in line[0]
-    assert not read_metrics(str(tmp_path / "refused.jsonl"))  # no step was taken
+    assert not read_metrics(refused)  # no step was taken
 
-    over = str(tmp_path / "override.jsonl")
-    check(run([*resume, "--override-opt_param-scheduler", "--metrics-file", over], nproc=1))
+    r, over = resumes["override"]
+    check(r)
     lrs = {i: rec["lr"] for i, rec in read_metrics(over).items()}
     assert sorted(lrs) == [3, 4]
     assert lrs[3] == pytest.approx(_cosine(2, 4), rel=1e-6) and lrs[4] == pytest.approx(_cosine(3, 4), rel=1e-6)
 
-    kept = str(tmp_path / "checkpoint.jsonl")
-    check(run([*resume, "--use-checkpoint-opt_param-scheduler", "--metrics-file", kept], nproc=1))
+    r, kept = resumes["checkpoint"]
+    check(r)
     lrs = {i: rec["lr"] for i, rec in read_metrics(kept).items()}
     assert lrs == {3: pytest.approx(MIN_LR), 4: pytest.approx(MIN_LR)}  # the checkpoint's schedule has ended
     assert read_tracker(ckpt) == 2
