@@ -5,12 +5,14 @@ Megatron's ``forward`` delegates to) replaced by ``fp8_parallel_linear``. Everyt
 handling, output reductions, bias, checkpoint schema) is inherited, so an FP8 model has exactly the
 parameters and checkpoint keys of the bf16 one: checkpoints move freely between FP8 and bf16 runs.
 
-Scale vectors (``FP8ScaledColumnParallelLinear``): the layer always folds once per optimizer step into a
-W_eff leaf (``ScaledColumnParallelLinear._step_folded_weight``), and the FP8 cast of that leaf is the only
-pass over the weight per step: gamma_b (one per branch, so it cannot ride on the shared activation) and u
-are inside the weight's quantization. Under rowwise scaling each output row of W_eff gets its own scale,
-so |u_r| lands in that row's fp32 scale and the row's FP8 values are those of W diag(gamma) (see
-docs/fp8.md for the error model).
+Scale vectors (``FP8ScaledColumnParallelLinear``) fold exactly as in bf16 (scale_vectors/step_fold.py): under
+mixed precision the bf16 model weight holds W_eff = diag(u) W diag(gamma_b), written from the fp32 masters
+at the optimizer's master -> model copy; the FP8 cast of that weight, once per parameters generation, is
+the only pass over it per step, so gamma_b (one per branch: it cannot ride on the shared activation) and u
+are inside the weight's quantization. dL/dW_eff accumulates in fp32 ``main_grad`` and the chain rule to W
+and the vectors runs once per step (``training_hooks.before_optimizer_step``). Under rowwise scaling each
+output row of W_eff gets its own scale, so |u_r| lands in that row's fp32 scale (see docs/fp8.md for the
+error model).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class FP8LinearMixin:
     """Put before a Megatron parallel linear in the bases; ``fp8`` is the recipe."""
 
     _column_parallel: bool
+    casts_weight = True  # the weight's FP8 cast copies it: fold once per step, in fp32 too (step_fold.py)
 
     def __init__(self, *args, fp8: FP8Recipe, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,9 +97,6 @@ class FP8PostNormRowParallelLinear(FP8LinearMixin, PostNormRowParallelLinear):
 
 
 class FP8ScaledColumnParallelLinear(FP8LinearMixin, ScaledColumnParallelLinear):
-    """Scale vectors folded once per step; the fold's FP8 cast is the step's only pass over W."""
+    """Scale vectors folded once per step (step_fold.py); the FP8 cast of W_eff is the step's only pass over W."""
 
     _column_parallel = True
-
-    def _fold_per_step(self) -> bool:
-        return True

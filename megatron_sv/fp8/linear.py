@@ -9,7 +9,10 @@ in forward and in backward (to form the weight gradient) and reduce-scatters the
     dgrad    dx = g  @ W      g e4m3|e5m2 (per tensor / per token),     W e4m3 (per tensor / per input column)
     wgrad    dW = g^T @ x     g^T (per tensor / per output row),        x (per tensor / per input column)
 
-W's FP8 copies come from ``FP8WeightCache``: made once per optimizer step, reused by every micro-batch.
+W's FP8 copies come from ``FP8WeightCache``: made once per parameters generation (optimizer step), reused
+by every micro-batch. W is what the layer's fold plan gives the GEMM (scale_vectors/step_fold.py): under
+mixed precision the bf16 weight, which holds W_eff for a layer with folded scale vectors; its gradient
+(dL/dW_eff) goes to the weight's fp32 ``main_grad`` through Megatron's DDP hook.
 Amaxes taken across a tensor-parallel shard boundary are all-reduced (see quantize.py), so results do not
 depend on the TP degree. The token count of the wgrad contraction is zero-padded to a multiple of 16
 (MoE experts see any number of tokens); zero rows change neither the amax nor the sum.
@@ -17,6 +20,7 @@ depend on the TP degree. The token count of the wgrad contraction is zero-padded
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,25 +72,34 @@ def quantize_weight(weight: torch.Tensor, recipe: FP8Recipe, shards: TPShards) -
     return FP8Weight(fwd, dgrad)
 
 
-class FP8WeightCache:
-    """A weight's FP8 copies, made once per optimizer step and never stale.
+def cast_source(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor whose values ``weight`` shows: a cached per-step fold reaches the GEMM as a fresh autograd
+    view of the same W_eff in every micro-batch (step_fold._StepFoldedWeight); the cast is keyed on W_eff."""
+    return weight if weight._base is None else weight._base
 
-    The key is the tensor itself (held, so its address cannot be reused), its version counter and the
-    parameter generation of ``training_hooks`` (bumped after every optimizer step and checkpoint load;
-    writes through ``.data`` or a parameter all-gather do not bump the version counter).
+
+class FP8WeightCache:
+    """A weight's FP8 copies, made once per parameters generation and never stale.
+
+    The weight is what the linear's fold plan hands the GEMM (step_fold.py): the parameter itself (W, or
+    W_eff under mixed precision, where the optimizer's master -> model copy writes the fold), or a cached
+    fp32 W_eff. The key is that tensor (by weak reference: a dead one never matches, and the cache keeps no
+    fold alive), its version counter and ``parameters_generation()`` (bumped after every optimizer step and
+    checkpoint load; writes through ``.data`` or a parameter all-gather do not bump the version counter).
     """
 
     def __init__(self):
-        self._source: Optional[torch.Tensor] = None
+        self._source: Optional[weakref.ref] = None
         self._key = None
         self._value: Optional[FP8Weight] = None
         self.casts = 0  # how many times the weight was quantized (tests count it)
 
     def get(self, weight: torch.Tensor, recipe: FP8Recipe, shards: TPShards) -> FP8Weight:
-        key = (parameters_generation(), weight._version, recipe)
-        if self._source is not weight or self._key != key:
+        source = cast_source(weight)
+        key = (parameters_generation(), source._version, recipe)
+        if self._source is None or self._source() is not source or self._key != key:
             self._value = quantize_weight(weight, recipe, shards)
-            self._source, self._key = weight, key
+            self._source, self._key = weakref.ref(source), key
             self.casts += 1
         return self._value
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 
+from .branches import BranchScaleVectors
 from .inner_norms import kernel_mode
-from .linears import ScaledColumnParallelLinear
 
 
 def fuses_inner_norm_swiglu(mlp: MLP) -> bool:
     """Whether ``mlp``'s fc1 inner norm and SwiGLU can run as one op with the same result."""
     fc1, cfg = mlp.linear_fc1, mlp.config
     return (
-        isinstance(fc1, ScaledColumnParallelLinear)
+        isinstance(fc1, BranchScaleVectors)
         and fc1.branch_layout == "gated_fc1"
         and fc1.inner_norm_branches == ("gate", "up")
         and fc1.bias is None

@@ -25,6 +25,10 @@ Plans, chosen per linear by ``attach`` (``FoldPlan``):
   ``cached``       fp32 (no master copy exists): a cached fp32 W_eff (|W| extra during forward/backward),
                    keyed on ``parameters_generation()`` and dropped at the chain rule.
 fp32 layers choose by a cost model (``FoldPolicy``, docs/performance.md).
+FP8 linears (megatron_sv/fp8/layers.py) use the same plans: their GEMM casts whatever weight the plan hands
+it (under ``master`` the bf16 model weight holding W_eff) to FP8 once per ``parameters_generation()``, and
+their weight gradient dL/dW_eff accumulates in the same fp32 ``main_grad``. In fp32 they always take
+``cached`` (unless the policy says ``micro_batch``), since their cast copies the weight anyway.
 
 Distributed optimizer: each rank owns a flat range of every parameter's elements (not row-aligned). The
 fold and the chain rule work on that range; the vectors' full fp32 values and the partial sums of their
@@ -44,7 +48,7 @@ from typing import Dict, Iterable, List, Literal, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .generation import parameters_generation
+from .generation import bump, parameters_generation
 
 FoldPlan = Literal["micro_batch", "master", "cached"]
 FoldMode = Literal["auto", "micro_batch", "step"]
@@ -307,8 +311,8 @@ class StepFolder:
             m
             for c in self.chunks
             for m in c.modules()
-            if isinstance(getattr(m, "step_fold", None), StepFoldState) and m._folds() and not m._fold_per_step()
-        ]  # FP8 layers fold inside their own cast
+            if isinstance(getattr(m, "step_fold", None), StepFoldState) and m._folds()
+        ]
         self._choose_plans()
         self._install_fold_at_copy()
 
@@ -319,7 +323,8 @@ class StepFolder:
             if self.masters.has_master_copy(lin.weight):
                 lin.step_fold.plan = "master"
                 # the GEMM reads the parameter itself again: Megatron's fused wgrad accumulation may apply
-                lin.gradient_accumulation_fusion = lin.config.gradient_accumulation_fusion
+                # (not to an FP8 GEMM, whose wgrad returns the gradient for DDP's hook to add to main_grad)
+                lin.gradient_accumulation_fusion = lin.config.gradient_accumulation_fusion and not lin.casts_weight
             else:
                 fp32.append(lin)
         p = self.policy
@@ -327,7 +332,8 @@ class StepFolder:
             for lin in self.linears:
                 lin.step_fold.plan = "micro_batch"
             return
-        forced = [m for m in fp32 if m.sv.fold_once_per_step]  # --sv-fold-once-per-step
+        # --sv-fold-once-per-step; FP8 layers: their weight cast is a copy per forward, once per step if cached
+        forced = [m for m in fp32 if m.sv.fold_once_per_step or m.casts_weight]
         if p.mode == "step":
             chosen = fp32
         elif (
@@ -430,6 +436,7 @@ class StepFolder:
                     w = w * s_out[row0 : row0 + nrows, None]
                 model[off : off + nrows * ncols].view(nrows, ncols).copy_(w)
             lin.step_fold.weight_holds_fold = True
+        bump()  # the weights changed: caches keyed on the generation (an FP8 cast of W_eff) must not be reused
 
     def refold_where_needed(self) -> None:
         """After a load: fold again from the restored masters (and all-gather the distributed shards).

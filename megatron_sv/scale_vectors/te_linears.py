@@ -1,18 +1,14 @@
-"""Transformer Engine (TE) versions of the scale-vector linears, for FP8 GEMMs on Hopper-class GPUs.
+"""What the Transformer Engine (TE) backend needs that does not need TE: availability and the checkpoint schema.
 
-TE is imported lazily: importing this module never touches it, and asking for a TE class on a machine
-without TE (or without CUDA) raises ``TransformerEngineUnavailable`` with a plain message. The local
-backend (``linears.py``) is unaffected.
+TE is imported lazily: importing this module never touches it, and asking for the TE classes
+(``te_classes()``, the module te_modules.py) on a machine without TE (or without CUDA) raises
+``TransformerEngineUnavailable`` with a plain message. The local backend (``linears.py``) is unaffected.
 
-Two ways a norm meets its input-side map on TE:
-  * ``standard`` (one shared plain gamma, nothing to fold): ``SVTELayerNormColumnParallelLinear``, TE's
-    fused norm + GEMM. The norm writes the FP8 input of the FP8 GEMM directly.
-  * every other strategy: our ``ScaledNorm`` (with or without scale) followed by
-    ``SVTEColumnParallelLinear``, which folds gamma_b / u_b into the weight with the same code as the
-    local backend (``folding.fold_into_weight`` via the borrowed ``ScaledColumnParallelLinear`` methods)
-    and hands TE the folded weight W_eff: W_eff is what TE quantizes to FP8. DNP's inner norms (and
-    QK-norm) are our norms: they reduce their own gradients inside autograd, while TE's norms rely on
-    Megatron's name-keyed reduction, which our configs switch off.
+Two ways a norm meets its input-side map on TE (models/gpt/backends.py chooses):
+  * ``standard`` (one shared plain gamma, nothing to fold, ``fuses_norm_into_linear``): TE's fused norm +
+    GEMM. The norm writes the FP8 input of the FP8 GEMM directly.
+  * every other strategy: our ``ScaledNorm`` followed by TE's GEMM with the branch scale vectors of
+    branches.py (the same mixin as the local and FP8 linears): TE quantizes the folded weight W_eff.
 
 Checkpoint keys: TE modules save in the local schema, so a checkpoint moves between backends unchanged:
   * TE's fused ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` (and ``_bias``)
@@ -29,14 +25,11 @@ Both ``sharded_state_dict`` (dist checkpointing) and ``state_dict`` / ``load_sta
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import re
-from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-
-from .folding import FoldLayout, recompute_saved_weight
 
 TE_INSTALL_HINT = (
     "--transformer-impl transformer_engine needs NVIDIA Transformer Engine on a CUDA "
@@ -66,58 +59,7 @@ def require_transformer_engine() -> None:
         raise TransformerEngineUnavailable(f"{TE_INSTALL_HINT}: {reason}")
 
 
-# -- pure helpers shared with the local backend's layout --------------------------------------------
-@dataclass(frozen=True)
-class BranchPlan:
-    """How a fused column-parallel weight splits into branches on this TP rank."""
-
-    layout: FoldLayout
-    slot_branch: Tuple[str, ...]
-    branch_rows: Dict[str, int]  # global rows per branch (a vector's global length)
-    inner_norm_candidates: Tuple[str, ...]  # branches that get DNP's inner norm N_b
-
-
-def branch_plan(
-    branch_layout: str,
-    *,
-    output_size: int,
-    tp_size: int,
-    num_attention_heads: int,
-    num_query_groups: Optional[int],
-    kv_channels: int,
-) -> BranchPlan:
-    """The same row layout as ``ScaledColumnParallelLinear`` (tested to agree)."""
-    if output_size % tp_size:
-        raise ValueError(f"{output_size} rows cannot be split over {tp_size} TP ranks")
-    rows_local = output_size // tp_size
-    if branch_layout == "qkv":
-        ng, nh, hn = num_query_groups or num_attention_heads, num_attention_heads, kv_channels
-        if ng % tp_size != 0:
-            raise ValueError(
-                f"scale vectors on linear_qkv need num_query_groups ({ng}) divisible by the "
-                f"tensor-parallel size ({tp_size})"
-            )
-        qpg = nh // ng
-        layout = FoldLayout(groups=ng // tp_size, slots=qpg + 2, rows=hn)
-        plan = BranchPlan(
-            layout, tuple(["q"] * qpg + ["k", "v"]), {"q": nh * hn, "k": ng * hn, "v": ng * hn}, ("q", "k")
-        )
-    elif branch_layout == "gated_fc1":
-        plan = BranchPlan(
-            FoldLayout(groups=1, slots=2, rows=rows_local // 2),
-            ("gate", "up"),
-            {"gate": output_size // 2, "up": output_size // 2},
-            ("gate", "up"),
-        )
-    elif branch_layout == "fc1":
-        plan = BranchPlan(FoldLayout(groups=1, slots=1, rows=rows_local), ("fc1",), {"fc1": output_size}, ("fc1",))
-    else:
-        raise ValueError(f"unknown branch layout {branch_layout!r}")
-    if plan.layout.out_features != rows_local:
-        raise ValueError(f"{branch_layout} layout {plan.layout} does not match {rows_local} local rows")
-    return plan
-
-
+# -- which strategies TE's fused norm + GEMM can hold ---------------------------------------------------
 def fuses_norm_into_linear(sv) -> bool:
     """True when TE's fused norm+GEMM can hold the strategy's pre-norm exactly (one plain shared gamma)."""
     return sv.learnable and not sv.folds_into_weights and sv.reparam == "none"
@@ -230,8 +172,6 @@ def tolerate_missing_te_only_state(module, incompatible_keys) -> None:
 def sharded_in_local_schema(sharded: dict) -> dict:
     """Rename the checkpoint keys (``.key``, not the dict keys: those must stay the module's own names
     for ``load_state_dict``) of a TE module's sharded state dict to the local schema; drop TE-only state."""
-    import dataclasses
-
     out = {}
     for name, sh in sharded.items():
         if is_te_only_state(name):
@@ -245,7 +185,7 @@ def sharded_in_local_schema(sharded: dict) -> dict:
     return out
 
 
-def _install_schema_hooks(module: torch.nn.Module, fused_norm: bool) -> None:
+def install_schema_hooks(module: torch.nn.Module, fused_norm: bool) -> None:
     module.register_state_dict_post_hook(save_in_local_schema)
     module.register_load_state_dict_post_hook(tolerate_missing_te_only_state)
     if fused_norm:
@@ -265,165 +205,11 @@ def gemm_weight(module: torch.nn.Module, tensor: torch.Tensor, name: str = "weig
         params[name] = original
 
 
-def _metadata_with_dp_cp(metadata):
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-    return ensure_metadata_has_dp_cp_group(metadata)
-
-
-# -- the TE module classes (built on first use, after TE is known to be usable) -----------------------
-@functools.lru_cache(maxsize=None)
 def te_classes():
-    """The TE module classes of the scale-vector method; raises TransformerEngineUnavailable without TE."""
+    """The TE module classes of the scale-vector method (te_modules.py); raises TransformerEngineUnavailable
+    without TE. Imported here, not at module top: te_modules subclasses TE's modules, which exist only
+    where TE is installed (megatron-core puts a MagicMock in their place otherwise)."""
     require_transformer_engine()
-    from types import SimpleNamespace
+    from . import te_modules
 
-    from megatron.core.extensions import transformer_engine as mte
-
-    from .linears import ScaledColumnParallelLinear, apply_post_norm, make_post_norm
-    from .vector import ScaleVector, VectorSpec
-
-    class SVTELayerNormColumnParallelLinear(mte.TELayerNormColumnParallelLinear):
-        """``standard``: TE's fused norm + GEMM; the norm's gamma is the layer's Input-Norm vector."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # The fused norm's gamma is the pre-norm's scale vector (IWD roles, statistics).
-            self.layer_norm_weight.sv_role, self.layer_norm_weight.sv_part = "input", "weight"
-            _install_schema_hooks(self, fused_norm=True)
-
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            sd = super().sharded_state_dict(prefix, sharded_offsets, _metadata_with_dp_cp(metadata))
-            return sharded_in_local_schema(sd)
-
-    class SVTEColumnParallelLinear(mte.TEColumnParallelLinear):
-        """TE GEMM on W_eff = diag(u) W diag(gamma_b); DNP inner norms after the GEMM (our norms)."""
-
-        # One home for the method: the local layer's folding and inner-norm code, used as is.
-        _slot_input_scales = ScaledColumnParallelLinear._slot_input_scales
-        _folded_output_scales = ScaledColumnParallelLinear._folded_output_scales
-        folded_weight = ScaledColumnParallelLinear.folded_weight
-        _inner_norm_and_scale = ScaledColumnParallelLinear._inner_norm_and_scale
-        _refold = ScaledColumnParallelLinear._refold
-
-        def __init__(self, input_size, output_size, *, config, init_method, sv, branch_layout, **kwargs):
-            super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
-            from megatron.core.utils import get_pg_size
-
-            self.sv = sv
-            self.branch_layout = branch_layout
-            self.tp_size = get_pg_size(self._tp_group)
-            plan = branch_plan(
-                branch_layout,
-                output_size=output_size,
-                tp_size=self.tp_size,
-                num_attention_heads=config.num_attention_heads,
-                num_query_groups=config.num_query_groups,
-                kv_channels=config.kv_channels,
-            )
-            self.layout = plan.layout
-            self.slot_branch = list(plan.slot_branch)
-            self.branches = list(dict.fromkeys(self.slot_branch))
-            self.inner_norm_branches = plan.inner_norm_candidates if sv.has_inner_norms else ()
-            self.norm_kind = getattr(config, "normalization", "RMSNorm")
-            self.norm_eps = config.layernorm_epsilon
-            is_expert = kwargs.get("is_expert", False)
-            common = dict(
-                tp_group=self._tp_group,
-                params_dtype=config.params_dtype,
-                expert_parallel=is_expert and config.expert_model_parallel_size > 1,
-            )
-            self.input_scales = torch.nn.ModuleDict()
-            if sv.learnable and sv.branch_specific:
-                for b in self.branches:
-                    self.input_scales[b] = ScaleVector(
-                        VectorSpec(  # no magnitude before an inner norm
-                            size=input_size,
-                            role="input",
-                            reparam=sv.reparam,
-                            grad_reduction="tp_sum",
-                            is_expert=is_expert,
-                            direction_only=b in self.inner_norm_branches,
-                        ),
-                        **common,
-                    )
-            self.output_scales = torch.nn.ModuleDict()
-            if sv.output_side:
-                for b in self.branches:
-                    self.output_scales[b] = ScaleVector(
-                        VectorSpec(
-                            size=plan.branch_rows[b],
-                            role="output",
-                            reparam=sv.reparam,
-                            tp_sharded=True,
-                            is_expert=is_expert,
-                        ),
-                        **common,
-                    )
-            if self.input_scales or self.output_scales:
-                # TE's GEMM sees a folded tensor, not the parameter: no fused main_grad accumulation.
-                self.fuse_wgrad_accumulation = False
-            # Vectors live where TE put the weight (CPU under use_cpu_initialization, else the GPU).
-            self.input_scales.to(self.weight.device)
-            self.output_scales.to(self.weight.device)
-            _install_schema_hooks(self, fused_norm=False)
-
-        def forward(self, x):
-            w_eff = self.folded_weight()
-            if w_eff is self.weight:
-                out, bias = super().forward(x)
-            else:
-                w_eff = w_eff.contiguous()
-                with recompute_saved_weight(w_eff, self._refold), gemm_weight(self, w_eff):
-                    out, bias = super().forward(x)
-            if self.inner_norm_branches:
-                out = self._inner_norm_and_scale(out)
-            return out, bias
-
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            metadata = _metadata_with_dp_cp(metadata)
-            out = sharded_in_local_schema(super().sharded_state_dict(prefix, sharded_offsets, metadata))
-            for group_name in ("input_scales", "output_scales"):
-                for b, vec in getattr(self, group_name).items():
-                    out.update(vec.sharded_state_dict(f"{prefix}{group_name}.{b}.", sharded_offsets, metadata))
-            return out
-
-    class _LocalSchema:
-        """Mixin for TE modules without a fused norm: load hooks and sharded keys in the local schema."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _install_schema_hooks(self, fused_norm=False)
-
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            sd = super().sharded_state_dict(prefix, sharded_offsets, _metadata_with_dp_cp(metadata))
-            return sharded_in_local_schema(sd)
-
-    class SVTERowParallelLinear(_LocalSchema, mte.TERowParallelLinear):
-        """TE row-parallel GEMM, saved in the local schema."""
-
-    class SVTEPostNormRowParallelLinear(SVTERowParallelLinear):
-        """TE row-parallel GEMM + a post-sub-layer Output-Norm (our norm, as in the local backend)."""
-
-        def __init__(self, input_size, output_size, *, config, sv, **kwargs):
-            super().__init__(input_size, output_size, config=config, **kwargs)
-            self.post_norm = make_post_norm(config, output_size, sv, self._tp_group)
-
-        def forward(self, x):
-            return apply_post_norm(self.post_norm, *super().forward(x))
-
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-            out.update(self.post_norm.sharded_state_dict(f"{prefix}post_norm.", sharded_offsets, metadata))
-            return out
-
-    class SVTEDotProductAttention(_LocalSchema, mte.TEDotProductAttention):
-        """TE fused attention; its FP8 metadata is not part of the local schema."""
-
-    return SimpleNamespace(
-        SVTELayerNormColumnParallelLinear=SVTELayerNormColumnParallelLinear,
-        SVTEColumnParallelLinear=SVTEColumnParallelLinear,
-        SVTERowParallelLinear=SVTERowParallelLinear,
-        SVTEPostNormRowParallelLinear=SVTEPostNormRowParallelLinear,
-        SVTEDotProductAttention=SVTEDotProductAttention,
-    )
+    return te_modules

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_sv.models.gpt.model import GPTShape, transformer_config
+from megatron_sv.scale_vectors.branches import branch_plan
 from megatron_sv.scale_vectors.config import strategy_config
 from megatron_sv.scale_vectors.linears import ScaledColumnParallelLinear
 from megatron_sv.scale_vectors.norms import normalize
@@ -198,3 +199,19 @@ def test_input_vectors_before_inner_norms_are_direction_only(megatron_single_ran
     else:
         assert not any(n == f"input_scales.{b}.{magnitude}" for b in ("q", "k", "gate", "up") for n in names)
         assert {"input_scales.v.magnitude", "output_scales.q.magnitude", "output_scales.up.magnitude"} <= names
+
+
+def test_branch_plan_under_tensor_parallelism():
+    plan = branch_plan(
+        "qkv", output_size=(8 + 2 * 2) * 16, tp_size=2, num_attention_heads=8, num_query_groups=2, kv_channels=16
+    )
+    assert plan.layout.groups == 1 and plan.layout.slots == 4 + 2 and plan.layout.rows == 16
+    assert plan.slot_branch == ("q",) * 4 + ("k", "v")
+    with pytest.raises(ValueError, match="divisible by the tensor-parallel size"):
+        branch_plan(
+            "qkv", output_size=(8 + 2 * 2) * 16, tp_size=4, num_attention_heads=8, num_query_groups=2, kv_channels=16
+        )
+    plan = branch_plan(
+        "gated_fc1", output_size=96, tp_size=2, num_attention_heads=1, num_query_groups=None, kv_channels=1
+    )
+    assert plan.layout.rows == 24 and plan.branch_rows == {"gate": 48, "up": 48}

@@ -21,6 +21,7 @@ import torch
 
 from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
+from tests.helpers.vectors import randomize_vectors as _randomize_vectors
 
 # A real bug changes a gradient by a factor (double / missing reduction: >= 0.5 relative) or uses a stale
 # weight (loss off by > 1e-2 after one update at lr 1e-2); bf16 rounding (8 bits of mantissa) moves a
@@ -55,31 +56,6 @@ def _build(parallel, strategy: str, bf16: bool, moe: bool = False, fold_once_per
     config = transformer_config(shape, layout)
     sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
     return config, build_gpt_model(shape, sv, config, init_seed=42)
-
-
-def _randomize_vectors(model):
-    """Scale vectors away from their init of 1 (where W_eff == W and a missing fold is invisible), the same
-    values at every layout: drawn from the vector's global name (pipeline stages number layers locally)."""
-    import zlib
-
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from megatron_sv.scale_vectors.vector import ScaleVector
-
-    global_prefix = {
-        f"{n}.": f"decoder.layers.{m.layer_number - 1}."
-        for n, m in model.named_modules()
-        if isinstance(m, TransformerLayer)
-    }
-    for name, m in model.named_modules():
-        if not isinstance(m, ScaleVector) or ".experts." in name:
-            continue
-        for local, glob in global_prefix.items():
-            if name.startswith(local):
-                name = glob + name[len(local) :]
-                break
-        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        m.set_value(0.5 + torch.rand(m.spec.size, generator=gen))
 
 
 def _overrides(strategy):

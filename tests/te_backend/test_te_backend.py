@@ -1,8 +1,13 @@
 """The Transformer Engine backend on a machine without TE: clear errors, the checkpoint key schema,
-and the layout/folding helpers it shares with the local backend. Nothing here pretends TE runs."""
+and that the TE linears are the local ones' mixins on TE's GEMM. Nothing here pretends TE runs."""
+
+import dataclasses
+import functools
 
 import pytest
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_sv.models.gpt.model import GPTShape, build_gpt_model, transformer_config
 from megatron_sv.models.gpt.sv_layer_specs import LayerOptions, get_sv_block_spec, get_sv_layer_spec
@@ -209,42 +214,95 @@ def test_sharded_keys_match_the_local_checkpoint(megatron_single_rank):
     assert out[te_prefix + "weight"].key == "decoder.layers.self_attention.linear_qkv.weight"
 
 
-# -- layout shared with the local backend -------------------------------------------------------------
-@pytest.mark.parametrize("swiglu", [True, False])
-def test_branch_plan_equals_the_local_layer(megatron_single_rank, swiglu):
-    model = _local_state("unified", swiglu=swiglu)
-    layer = model.decoder.layers[0]
-    cfg = layer.config
-    for lin in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
-        assert isinstance(lin, ScaledColumnParallelLinear)
-        plan = tl.branch_plan(
-            lin.branch_layout,
-            output_size=lin.output_size,
-            tp_size=1,
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_query_groups,
-            kv_channels=cfg.kv_channels,
-        )
-        assert plan.layout == lin.layout
-        assert list(plan.slot_branch) == lin.slot_branch
-        assert tuple(plan.inner_norm_candidates) == tuple(lin.inner_norm_branches)
-        for b, vec in lin.output_scales.items():
-            assert vec.spec.size == plan.branch_rows[b]
+# -- one home for the method: every backend's linears are the same mixins on a different GEMM ------------
+def _methods(cls):
+    return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("__")} | (
+        {"__init__"} if "__init__" in vars(cls) else set()
+    )
 
 
-def test_branch_plan_under_tensor_parallelism():
-    plan = tl.branch_plan(
-        "qkv", output_size=(8 + 2 * 2) * 16, tp_size=2, num_attention_heads=8, num_query_groups=2, kv_channels=16
-    )
-    assert plan.layout.groups == 1 and plan.layout.slots == 4 + 2 and plan.layout.rows == 16
-    with pytest.raises(ValueError, match="divisible by the tensor-parallel size"):
-        tl.branch_plan(
-            "qkv", output_size=(8 + 2 * 2) * 16, tp_size=4, num_attention_heads=8, num_query_groups=2, kv_channels=16
-        )
-    plan = tl.branch_plan(
-        "gated_fc1", output_size=96, tp_size=2, num_attention_heads=1, num_query_groups=None, kv_channels=1
-    )
-    assert plan.layout.rows == 24 and plan.branch_rows == {"gate": 48, "up": 48}
+def _te_class_defs():
+    """The class definitions of te_modules.py, read from its source (TE is not importable here)."""
+    import ast
+    import inspect
+
+    from megatron_sv.scale_vectors import te_linears
+
+    path = inspect.getfile(te_linears).replace("te_linears.py", "te_modules.py")
+    tree = ast.parse(open(path).read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(b) for b in node.bases]
+            defs = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+            out[node.name] = (bases, defs)
+    return out
+
+
+def test_backends_supply_only_their_gemm():
+    """The local, FP8 and TE column linears with vectors share BranchScaleVectors and define nothing of the
+    method themselves: only their constructor, their GEMM (``_gemm``) and forward's signature; the post-norm
+    row linears share PostSublayerNorm."""
+    from megatron_sv.fp8.layers import FP8PostNormRowParallelLinear, FP8ScaledColumnParallelLinear
+    from megatron_sv.scale_vectors.branches import BranchScaleVectors
+    from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, PostSublayerNorm
+
+    plumbing = {"__init__", "_gemm", "forward"}
+    assert issubclass(ScaledColumnParallelLinear, BranchScaleVectors)
+    assert _methods(ScaledColumnParallelLinear) <= plumbing
+    assert issubclass(FP8ScaledColumnParallelLinear, ScaledColumnParallelLinear)
+    assert not _methods(FP8ScaledColumnParallelLinear)
+    assert issubclass(FP8PostNormRowParallelLinear, PostNormRowParallelLinear)
+    assert issubclass(PostNormRowParallelLinear, PostSublayerNorm) and _methods(PostNormRowParallelLinear) == {
+        "__init__"
+    }
+    te = _te_class_defs()
+    bases, defs = te["SVTEColumnParallelLinear"]
+    assert "BranchScaleVectors" in bases and defs <= plumbing
+    bases, defs = te["SVTEPostNormRowParallelLinear"]
+    assert bases[0] == "PostSublayerNorm" and defs == {"__init__"}
+    for name in ("SVTELayerNormColumnParallelLinear", "SVTEColumnParallelLinear", "SVTERowParallelLinear"):
+        assert te[name][0][0] in ("LocalSchema", "PostSublayerNorm"), name  # checkpoints in the local schema
+
+
+def _walk(spec, path="layer"):
+    """(path, module class, params) of every slot of a layer spec, depth first."""
+    if isinstance(spec, ModuleSpec):
+        yield path, spec.module, dict(spec.params)
+        if dataclasses.is_dataclass(spec.submodules):
+            for f in dataclasses.fields(spec.submodules):
+                yield from _walk(getattr(spec.submodules, f.name), f"{path}.{f.name}")
+    elif isinstance(spec, functools.partial):
+        yield path, spec.func, dict(spec.keywords)
+    else:
+        yield path, spec, {}
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("strategy", ["standard", "unified"])
+def test_fp8_backend_changes_only_the_linear_classes(strategy, moe):
+    """One spec body: the FP8 layer spec is the local one, slot for slot, with each column/row linear
+    replaced by the FP8 backend's class (same params plus the recipe) and nothing else changed."""
+    from megatron_sv.fp8.recipe import FP8Recipe
+    from megatron_sv.models.gpt.backends import LOCAL, fp8_backend
+
+    recipe = FP8Recipe("hybrid", "rowwise")
+    opts = LayerOptions(num_layers=2, num_experts=4 if moe else None, post_sublayer_norm=True)
+    sv = strategy_config(strategy)
+    local = list(_walk(get_sv_layer_spec(sv, opts)))
+    fp8 = list(_walk(get_sv_layer_spec(sv, dataclasses.replace(opts, fp8=recipe))))
+    assert [p for p, _, _ in local] == [p for p, _, _ in fp8]
+    fields = ("scaled_column_linear", "row_linear", "post_norm_row_linear")
+    swaps = {getattr(LOCAL, f): getattr(fp8_backend(recipe), f) for f in fields}
+    swapped = 0
+    for (path, module, params), (_, module8, params8) in zip(local, fp8):
+        if isinstance(module, type) and module in swaps:
+            assert module8 is swaps[module] and params8 == dict(params, fp8=recipe), path
+            swapped += 1
+        else:
+            assert module8 == module and params8 == params, path
+    # qkv, proj, fc1, fc2 (in an MoE layer: the experts' fc1 and fc2)
+    assert swapped == 4
 
 
 def test_gemm_weight_swaps_only_inside_the_context():
@@ -260,29 +318,53 @@ def test_gemm_weight_swaps_only_inside_the_context():
     assert [p is w for p in lin.parameters()] == [True]
 
 
-def test_folded_weight_gradients_reach_the_vectors_through_a_swapped_gemm():
-    """The TE layer's forward pattern (fold, swap into the GEMM module, recompute the saved weight) on a
-    torch Linear standing in for the GEMM: gradients equal the unfolded reference."""
-    from megatron_sv.scale_vectors.folding import FoldLayout, fold_into_weight, recompute_saved_weight
+class _SwappedGemmLinear(ScaledColumnParallelLinear):
+    """The TE column linear's GEMM pattern on Megatron's local GEMM: the folded weight is swapped into the
+    module's weight slot (``gemm_weight``) and the GEMM reads ``self.weight``, as TE's modules do."""
 
+    def _gemm(self, input_, weight):
+        if weight is None or weight is self.weight:
+            return ColumnParallelLinear.forward(self, input_)
+        with tl.gemm_weight(self, weight):
+            return ColumnParallelLinear.forward(self, input_)
+
+
+@pytest.mark.parametrize("plan", ["micro_batch", "step"])
+def test_swapped_weight_gemm_equals_the_local_layer(megatron_single_rank, plan):
+    """BranchScaleVectors around a GEMM that is handed W_eff by swapping (TE's way): output and every
+    gradient equal the local layer's, with the per-micro-batch fold (recompute of the saved weight) and with
+    the cached per-step fold and its chain rule."""
+    from megatron_sv.scale_vectors.step_fold import FoldPolicy, attach
+
+    cfg = transformer_config(SHAPE)
+    common = dict(
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        gather_output=False,
+        sv=strategy_config("unified"),
+        branch_layout="qkv",
+    )
+    out = (4 + 2 * 2) * 8
     torch.manual_seed(0)
-    lay = FoldLayout(groups=2, slots=3, rows=4)
-    lin = torch.nn.Linear(5, lay.out_features, bias=False)
-    gam = torch.nn.Parameter(torch.rand(3, 5) + 0.5)
-    u = torch.nn.Parameter(torch.rand(2, 3, 4) + 0.5)
-    x = torch.randn(7, 5)
-
-    def fold():
-        return fold_into_weight(lin.weight, lay, gam, u)
-
-    w_eff = fold().contiguous()
-    with recompute_saved_weight(w_eff, lambda: fold().detach()), tl.gemm_weight(lin, w_eff):
-        y = lin(x)
-    y.square().sum().backward()
-    got = [t.grad.clone() for t in (lin.weight, gam, u)]
-    for t in (lin.weight, gam, u):
-        t.grad = None
-    w = lin.weight.view(2, 3, 4, 5) * gam[None, :, None, :] * u[..., None]
-    (x @ w.reshape(-1, 5).t()).square().sum().backward()
-    for a, t in zip(got, (lin.weight, gam, u)):
-        assert torch.allclose(a, t.grad, rtol=1e-5, atol=1e-6)
+    swapped, local = _SwappedGemmLinear(32, out, **common), ScaledColumnParallelLinear(32, out, **common)
+    gen = torch.Generator().manual_seed(3)
+    for vec in list(swapped.input_scales.values()) + list(swapped.output_scales.values()):
+        vec.set_value(0.5 + torch.rand(vec.local_size, generator=gen))
+    local.load_state_dict(swapped.state_dict())
+    folder = attach([swapped], None, FoldPolicy(mode=plan))
+    x = torch.randn(3, 2, 32, generator=gen)
+    dy = torch.randn(3, 2, out, generator=gen)
+    ys = []
+    for layer in (swapped, local):
+        y, _ = layer(x)
+        (y * dy).sum().backward()
+        ys.append(y.detach())
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-6)
+    for p in swapped.parameters():  # what Megatron's DDP hook does under a step fold
+        p.main_grad = p.grad.detach().clone()
+    folder.apply_chain_rule()
+    named = dict(local.named_parameters())
+    for name, p in swapped.named_parameters():
+        torch.testing.assert_close(p.main_grad, named[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert isinstance(swapped.weight, torch.nn.Parameter)

@@ -140,7 +140,7 @@ def build_gpt_model(
     so the full model is the same at any TP/PP/EP layout (models/gpt/seeding.py). Defaults to the CPU
     generator's current initial seed (``torch.manual_seed`` before building).
     ``transformer_impl``: "local" (runs anywhere) or "transformer_engine" (TE GEMMs, FP8 via
-    ``config.fp8``; needs CUDA and TE, see models/gpt/te_layer_specs.py).
+    ``config.fp8``; needs CUDA and TE, see models/gpt/backends.py).
     ``fp8``: on the local backend, run every column/row-parallel linear's GEMMs in FP8 with this recipe
     (torch._scaled_mm; the LM head stays in the model's precision; see docs/fp8.md).
     """

@@ -1,13 +1,14 @@
-"""Megatron-Core layer/block specs that wire the scale-vector method into a GPT (local backend).
+"""Megatron-Core layer/block specs that wire the scale-vector method into a GPT: one spec body for every backend.
 
 The method lives in ``megatron_sv.scale_vectors``; this module only decides which module fills which
-slot of Megatron's TransformerLayer, for a given ``ScaleVectorConfig``:
+slot of Megatron's TransformerLayer, for a given ``ScaleVectorConfig``, with the module classes of the
+backend (backends.py: local, FP8 on the local backend, Transformer Engine):
 
   input_layernorm / pre_mlp_layernorm   ScaledNorm, with the shared gamma unless vectors are per branch
-  linear_qkv / linear_fc1 (+ experts)   ScaledColumnParallelLinear (HG gamma_b, DP/DNP u_b, DNP N_b)
-  linear_proj / linear_fc2 (+ experts)  RowParallelLinear (optionally followed by a post-sub-layer norm)
+                                        (TE: fused into the next GEMM where the gamma is one plain vector)
+  linear_qkv / linear_fc1 (+ experts)   the backend's column linear with vectors (HG gamma_b, DP/DNP u_b, DNP N_b)
+  linear_proj / linear_fc2 (+ experts)  the backend's row linear (optionally followed by a post-sub-layer norm)
   mlp                                   InnerNormSwiGLUMLP under DNP (gate/up norm fused with SwiGLU)
-  (with LayerOptions.fp8 every linear above is its FP8 version, megatron_sv/fp8/layers.py)
   q/k_layernorm                         optional QK-norm (an Output-Norm)
   linear_proj / linear_fc2              optional post-sub-layer norm (Gemma / Peri-LN Output-Norm)
   router                                ScaledTopKRouter (its own gamma/u)
@@ -21,7 +22,6 @@ from functools import partial
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -32,20 +32,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_sv.fp8.layers import FP8PostNormRowParallelLinear, FP8RowParallelLinear, FP8ScaledColumnParallelLinear
 from megatron_sv.fp8.recipe import FP8Recipe
+from megatron_sv.models.gpt.backends import Backend, backend_for
 from megatron_sv.models.gpt.seeding import SeededTransformerLayer
-from megatron_sv.platform.attention import SDPACoreAttention
 from megatron_sv.scale_vectors.config import ScaleVectorConfig
-from megatron_sv.scale_vectors.linears import (
-    PostNormRowParallelLinear,
-    ScaledColumnParallelLinear,
-    apply_post_norm,
-    make_post_norm,
-)
+from megatron_sv.scale_vectors.linears import apply_post_norm, make_post_norm
 from megatron_sv.scale_vectors.mlp import InnerNormSwiGLUMLP
 from megatron_sv.scale_vectors.norms import ScaledNorm
 from megatron_sv.scale_vectors.router import ScaledTopKRouter
+from megatron_sv.scale_vectors.te_linears import fuses_norm_into_linear
 
 
 @dataclass(frozen=True)
@@ -59,26 +54,17 @@ class LayerOptions:
     post_sublayer_norm: bool = False  # Output-Norms after attention and MLP (Gemma / Peri-LN)
     core_attention: Optional[type] = None  # SDPA on CPU; a faster kernel may be supplied on GPU
     init_seed: Optional[int] = None  # layout-independent init (see seeding.py); None: Megatron's order
-    transformer_impl: str = "local"  # --transformer-impl: "local" or "transformer_engine" (te_layer_specs.py)
+    transformer_impl: str = "local"  # --transformer-impl: "local" or "transformer_engine" (backends.py)
     fp8: Optional[FP8Recipe] = None  # local backend: FP8 GEMMs in every column/row-parallel linear
 
 
-# The FP8 version of each local linear (same parameters and checkpoint keys, GEMMs on torch._scaled_mm).
-FP8_LINEARS = {
-    ScaledColumnParallelLinear: FP8ScaledColumnParallelLinear,
-    RowParallelLinear: FP8RowParallelLinear,
-    PostNormRowParallelLinear: FP8PostNormRowParallelLinear,
-}
-
-
-def _linear(module: type, opts: LayerOptions, **params):
-    """The spec of a column/row-parallel linear slot: ``module``, or its FP8 version under ``opts.fp8``."""
-    if opts.fp8 is not None:
-        module, params = FP8_LINEARS[module], dict(params, fp8=opts.fp8)
+def _linear(backend: Backend, module: type, **params):
+    """The spec of a linear slot: ``module`` with its params and the backend's linear params (FP8 recipe)."""
+    params = dict(params, **backend.linear_params)
     return ModuleSpec(module=module, params=params) if params else module
 
 
-def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
+def _check(sv: ScaleVectorConfig, opts: LayerOptions, backend: Backend) -> None:
     if sv.has_inner_norms and opts.qk_layernorm:
         raise ValueError(
             "placement dual_norm (DNP) already normalizes q and k per head (its inner norm is a QK-norm "
@@ -86,6 +72,15 @@ def _check(sv: ScaleVectorConfig, opts: LayerOptions) -> None:
         )
     if opts.num_layers < 1:
         raise ValueError("num_layers must be >= 1")
+    if opts.num_experts and not backend.supports_moe:
+        raise NotImplementedError(
+            f"MoE layers are not available on --transformer-impl {opts.transformer_impl} yet; "
+            "use --transformer-impl local"
+        )
+    if opts.core_attention is not None and not backend.takes_core_attention:
+        raise ValueError(
+            f"the {backend.name} backend uses its own core attention; core_attention is for the local spec"
+        )
 
 
 def _norm(sv: ScaleVectorConfig, *, has_scale: bool, role: str, input_split: str) -> ModuleSpec:
@@ -98,13 +93,22 @@ def _pre_norm(sv: ScaleVectorConfig) -> ModuleSpec:
     return _norm(sv, has_scale=not sv.branch_specific, role="input", input_split="sequence")
 
 
-def _mlp_submodules(sv: ScaleVectorConfig, opts: LayerOptions, expert: bool) -> MLPSubmodules:
-    fc1 = _linear(ScaledColumnParallelLinear, opts, sv=sv, branch_layout="gated_fc1" if opts.gated_mlp else "fc1")
-    if opts.post_sublayer_norm and not expert:
-        fc2 = _linear(PostNormRowParallelLinear, opts, sv=sv)
+def _mlp_submodules(sv: ScaleVectorConfig, opts: LayerOptions, backend: Backend, expert: bool) -> MLPSubmodules:
+    if _fuses_pre_norm(sv, backend) and not expert:
+        fc1 = backend.fused_norm_column_linear
     else:
-        fc2 = _linear(RowParallelLinear, opts)
+        layout = "gated_fc1" if opts.gated_mlp else "fc1"
+        fc1 = _linear(backend, backend.scaled_column_linear, sv=sv, branch_layout=layout)
+    if opts.post_sublayer_norm and not expert:
+        fc2 = _linear(backend, backend.post_norm_row_linear, sv=sv)
+    else:
+        fc2 = _linear(backend, backend.row_linear)
     return MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)
+
+
+def _fuses_pre_norm(sv: ScaleVectorConfig, backend: Backend) -> bool:
+    """Whether the pre-norms live inside the backend's fused norm + GEMM (their slots are then identities)."""
+    return backend.fused_norm_column_linear is not None and fuses_norm_into_linear(sv)
 
 
 class PostNormMoELayer(MoELayer):
@@ -118,12 +122,12 @@ class PostNormMoELayer(MoELayer):
         return apply_post_norm(self.post_norm, *super().forward(hidden_states, *args, **kwargs))
 
 
-def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
+def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions, backend: Backend) -> ModuleSpec:
     if not opts.num_experts:
         # Under DNP the gate/up inner norm and SwiGLU run as one fused op (Megatron's experts build plain MLPs).
         mlp = InnerNormSwiGLUMLP if sv.has_inner_norms else MLP
-        return ModuleSpec(module=mlp, submodules=_mlp_submodules(sv, opts, expert=False))
-    experts = ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(sv, opts, expert=True))
+        return ModuleSpec(module=mlp, submodules=_mlp_submodules(sv, opts, backend, expert=False))
+    experts = ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(sv, opts, backend, expert=True))
     submodules = MoESubmodules(experts=experts, shared_experts=None, router=partial(ScaledTopKRouter, sv=sv))
     if opts.post_sublayer_norm:
         return ModuleSpec(module=PostNormMoELayer, params=dict(sv=sv), submodules=submodules)
@@ -131,29 +135,25 @@ def _mlp_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
 
 
 def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
-    """The TransformerLayer spec for strategy ``sv``."""
-    if opts.transformer_impl != "local":
-        from .te_layer_specs import check_transformer_impl, get_te_layer_spec
-
-        if opts.fp8 is not None:
-            raise ValueError(
-                "LayerOptions.fp8 is the local backend's FP8; Transformer Engine takes its FP8 "
-                "recipe from TransformerConfig.fp8"
-            )
-
-        check_transformer_impl(opts.transformer_impl)
-        return get_te_layer_spec(sv, opts)
-    _check(sv, opts)
+    """The TransformerLayer spec for strategy ``sv`` on the backend of ``opts``."""
+    backend = backend_for(opts.transformer_impl, opts.fp8)
+    _check(sv, opts, backend)
     qk_norm = _norm(sv, has_scale=True, role="output", input_split="heads") if opts.qk_layernorm else IdentityOp
-    linear_proj = (
-        _linear(PostNormRowParallelLinear, opts, sv=sv) if opts.post_sublayer_norm else _linear(RowParallelLinear, opts)
-    )
+    if opts.post_sublayer_norm:
+        linear_proj = _linear(backend, backend.post_norm_row_linear, sv=sv)
+    else:
+        linear_proj = _linear(backend, backend.row_linear)
+    if _fuses_pre_norm(sv, backend):
+        linear_qkv, pre_norm = backend.fused_norm_column_linear, IdentityOp
+    else:
+        linear_qkv = _linear(backend, backend.scaled_column_linear, sv=sv, branch_layout="qkv")
+        pre_norm = _pre_norm(sv)
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=_linear(ScaledColumnParallelLinear, opts, sv=sv, branch_layout="qkv"),
-            core_attention=opts.core_attention or SDPACoreAttention,
+            linear_qkv=linear_qkv,
+            core_attention=opts.core_attention or backend.core_attention,
             linear_proj=linear_proj,
             q_layernorm=qk_norm,
             k_layernorm=qk_norm,
@@ -163,11 +163,11 @@ def get_sv_layer_spec(sv: ScaleVectorConfig, opts: LayerOptions) -> ModuleSpec:
         module=TransformerLayer if opts.init_seed is None else SeededTransformerLayer,
         params={} if opts.init_seed is None else {"init_seed": opts.init_seed},
         submodules=TransformerLayerSubmodules(
-            input_layernorm=_pre_norm(sv),
+            input_layernorm=pre_norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=_pre_norm(sv),
-            mlp=_mlp_spec(sv, opts),
+            pre_mlp_layernorm=pre_norm,
+            mlp=_mlp_spec(sv, opts, backend),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -178,11 +178,6 @@ def get_sv_block_spec(
 ) -> TransformerBlockSubmodules:
     """Block spec for this pipeline stage: its layers plus our final norm (TransformerBlock would
     otherwise take the final norm from a module global)."""
-    if opts.transformer_impl != "local":
-        from .te_layer_specs import check_transformer_impl, get_te_block_spec
-
-        check_transformer_impl(opts.transformer_impl)
-        return get_te_block_spec(sv, opts, config, vp_stage=vp_stage)
     layer = get_sv_layer_spec(sv, opts)
     final_norm = _norm(sv, has_scale=True, role=sv.final_norm_role, input_split="sequence")
     num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
