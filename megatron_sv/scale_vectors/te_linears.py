@@ -1,7 +1,7 @@
 """What the Transformer Engine (TE) backend needs that does not need TE: availability and the checkpoint schema.
 
-TE is imported lazily: importing this module never touches it, and asking for the TE classes
-(``te_classes()``, the module te_modules.py) on a machine without TE (or without CUDA) raises
+TE is imported lazily: importing this module never touches it, and asking for the TE backend
+(models/gpt/backends.py, which imports te_modules.py) on a machine without TE (or without CUDA) raises
 ``TransformerEngineUnavailable`` with a plain message. The local backend (``linears.py``) is unaffected.
 
 Two ways a norm meets its input-side map on TE (models/gpt/backends.py chooses):
@@ -203,13 +203,3 @@ def gemm_weight(module: torch.nn.Module, tensor: torch.Tensor, name: str = "weig
         yield
     finally:
         params[name] = original
-
-
-def te_classes():
-    """The TE module classes of the scale-vector method (te_modules.py); raises TransformerEngineUnavailable
-    without TE. Imported here, not at module top: te_modules subclasses TE's modules, which exist only
-    where TE is installed (megatron-core puts a MagicMock in their place otherwise)."""
-    require_transformer_engine()
-    from . import te_modules
-
-    return te_modules

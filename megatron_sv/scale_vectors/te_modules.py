@@ -1,6 +1,6 @@
 """The scale-vector method's Transformer Engine (TE) modules: TE's GEMMs with the same mixins as the local ones.
 
-Import only where TE is usable (``te_linears.te_classes()`` checks first): the classes subclass
+Import only where TE is usable (models/gpt/backends.py checks first): the classes subclass
 megatron-core's TE wrappers, which are placeholders without TE. Each class is TE's module plus
   * ``BranchScaleVectors`` (branches.py): the branch scale vectors, fold and DNP inner norms, exactly as
     on the local backend; TE's GEMM runs on W_eff, which is what TE quantizes to FP8;

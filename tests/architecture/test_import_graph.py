@@ -132,18 +132,10 @@ def test_megatron_sv_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-# The local and Transformer Engine layer specs import each other inside functions; issue 14 item 2 (one spec
-# body, the backend supplies the module classes) removes this pair, and with it this exception.
-LAZY_CYCLE_PENDING = ("megatron_sv.models.gpt.sv_layer_specs", "megatron_sv.models.gpt.te_layer_specs")
-
-
 def test_no_cycle_through_lazy_imports_either():
     """Two modules that import each other only inside functions still depend on each other both ways (the
     lazy import merely hides the cycle from the interpreter)."""
     graph = import_graph(ROOT, "megatron_sv", lazy=True)
-    a, b = LAZY_CYCLE_PENDING
-    graph[a].discard(b)
-    graph[b].discard(a)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle through a function-local import: " + " -> ".join(cycle)
 

@@ -4,6 +4,7 @@ compare the TE backend with the local one; without it they check the TE request 
 import pytest
 import torch
 
+from megatron_sv.models.gpt.backends import transformer_engine_backend
 from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
 from megatron_sv.scale_vectors import te_linears as tl
 from megatron_sv.scale_vectors.config import strategy_config
@@ -97,7 +98,7 @@ def test_transformer_engine_fp8_step(megatron_single_rank):
     ok, _ = tl.transformer_engine_status()
     if not ok:
         with pytest.raises(tl.TransformerEngineUnavailable):
-            tl.te_classes()
+            transformer_engine_backend()
         return
     model = _model("unified", impl="transformer_engine", bf16=True, fp8="hybrid", fp8_recipe="tensorwise")
     tokens, pos, labels = _data()

@@ -9,6 +9,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_sv.models.gpt.backends import transformer_engine_backend
 from megatron_sv.models.gpt.model import GPTShape, build_gpt_model, transformer_config
 from megatron_sv.models.gpt.sv_layer_specs import LayerOptions, get_sv_block_spec, get_sv_layer_spec
 from megatron_sv.scale_vectors import te_linears as tl
@@ -45,7 +46,7 @@ def test_te_spec_without_te_is_a_clear_error(megatron_single_rank):
         lambda: get_sv_layer_spec(strategy_config("unified"), opts),
         lambda: get_sv_block_spec(strategy_config("standard"), opts, cfg),
         lambda: build_gpt_model(SHAPE, strategy_config("standard"), cfg, transformer_impl="transformer_engine"),
-        tl.te_classes,
+        transformer_engine_backend,
     ):
         with pytest.raises(tl.TransformerEngineUnavailable, match="--transformer-impl local"):
             call()

@@ -25,7 +25,7 @@ from megatron_sv.fp8.layers import FP8PostNormRowParallelLinear, FP8RowParallelL
 from megatron_sv.fp8.recipe import FP8Recipe
 from megatron_sv.platform.attention import SDPACoreAttention
 from megatron_sv.scale_vectors.linears import PostNormRowParallelLinear, ScaledColumnParallelLinear
-from megatron_sv.scale_vectors.te_linears import te_classes
+from megatron_sv.scale_vectors.te_linears import require_transformer_engine
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
@@ -76,7 +76,9 @@ def fp8_backend(recipe: FP8Recipe) -> Backend:
 
 def transformer_engine_backend() -> Backend:
     """TE's GEMMs and attention; raises TransformerEngineUnavailable where TE cannot run."""
-    te = te_classes()
+    require_transformer_engine()
+    from megatron_sv.scale_vectors import te_modules as te  # noqa: PLC0415 - subclasses TE's modules: after the check
+
     return Backend(
         name="transformer_engine",
         scaled_column_linear=te.SVTEColumnParallelLinear,
