@@ -32,6 +32,9 @@ from tests.helpers.distributed import run_side_by_side
 from tests.helpers.parity import SEQ, VOCAB, train_steps
 from tests.helpers.vectors import randomize_vectors
 
+# 20 runs of 100 steps in two jobs side by side: a few minutes on a busy 2-core machine
+pytestmark = pytest.mark.timeout(900)
+
 STEPS = 100
 BAND = 0.15  # nats, on 10-step moving averages
 # |g_fp8 - g_bf16| / |g_bf16| per weight and per scale vector at step 1. Measured: at most 0.12 without inner
