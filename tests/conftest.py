@@ -21,10 +21,19 @@ from tests.helpers.processes import SESSION, TAG_VAR, kill_tagged, reap_register
 os.environ[TAG_VAR] = SESSION
 
 
+_SESSION_PID = os.getpid()
+
+
 def _terminated(signum, frame):
     """SIGTERM (a cancelled CI job, tests/run_all.sh stopping its groups) ends the session like Ctrl-C, so
     that teardown and pytest_sessionfinish still reap what the tests started (ranks in sessions of their
-    own, orphaned helpers), instead of leaving them running."""
+    own, orphaned helpers), instead of leaving them running. A forked child of the session (a
+    multiprocessing.Pool worker, which Pool.terminate() stops with SIGTERM) inherits this handler: there it
+    dies of the signal as it would without it."""
+    if os.getpid() != _SESSION_PID:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise KeyboardInterrupt
 
 
