@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_side_by_side
-from tests.helpers.parity import SEQ, VOCAB, train_steps
+from tests.helpers.parity import layout_of, tiny_gpt_shape, train_steps
 
 CASES = [("standard", "hybrid", "tensorwise"), ("unified", "e4m3", "rowwise")]
 LAYOUTS = {
@@ -42,26 +42,12 @@ REFERENCES = {
 
 def build_fp8_model(parallel, strategy: str, fmt: str, scaling: str, fp8: bool = True, moe: bool = False):
     from megatron_sv.fp8.recipe import FP8Recipe
-    from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
+    from megatron_sv.models.gpt.model import build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
     # kv_channels 16, ffn 64: every linear's per-rank sizes are multiples of 16 at TP2
-    shape = GPTShape(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        ffn_hidden_size=64,
-        num_experts=4 if moe else None,
-        moe_router_topk=2,
-    )
-    layout = ParallelLayout(
-        tensor_model_parallel_size=parallel.get("tp", 1),
-        pipeline_model_parallel_size=parallel.get("pp", 1),
-        sequence_parallel=parallel.get("sp", False),
-    )
+    shape = tiny_gpt_shape(moe, hidden_size=64, ffn_hidden_size=64)
+    layout = layout_of(parallel)
     config = transformer_config(shape, layout)
     recipe = FP8Recipe(fmt, scaling) if fp8 else None
     return config, build_gpt_model(shape, strategy_config(strategy), config, init_seed=42, fp8=recipe)

@@ -15,6 +15,36 @@ VOCAB = 128
 SEQ = 16
 
 
+def tiny_gpt_shape(moe: bool = False, hidden_size: int = 32, ffn_hidden_size: int = 48):
+    """The 2-layer GQA model the parity tests train (4 experts, top-2, with ``moe``)."""
+    from megatron_sv.models.gpt.model import GPTShape
+
+    return GPTShape(
+        num_layers=2,
+        hidden_size=hidden_size,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        ffn_hidden_size=ffn_hidden_size,
+        num_experts=4 if moe else None,
+        moe_router_topk=2,
+    )
+
+
+def layout_of(parallel: Dict[str, Any], **extra):
+    """The ParallelLayout of a test's ``parallel`` dict (keys tp, pp, sp, ep)."""
+    from megatron_sv.models.gpt.model import ParallelLayout
+
+    return ParallelLayout(
+        tensor_model_parallel_size=parallel.get("tp", 1),
+        pipeline_model_parallel_size=parallel.get("pp", 1),
+        sequence_parallel=parallel.get("sp", False),
+        expert_model_parallel_size=parallel.get("ep", 1),
+        **extra,
+    )
+
+
 def synthetic_tokens(global_batch: int, seq_length: int = SEQ, vocab: int = VOCAB, seed: int = 1234):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (global_batch, seq_length + 1), generator=g)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_side_by_side
-from tests.helpers.parity import SEQ, VOCAB, train_steps
+from tests.helpers.parity import layout_of, tiny_gpt_shape, train_steps
 
 STRATEGIES = ["standard", "hg", "dp", "dnp", "or", "er", "iwd", "unified"]
 LAYOUTS = {
@@ -32,26 +32,11 @@ PLANTED = ["hg", "unified"]  # strategies with replicated branch vectors, run wi
 
 
 def build_sv_model(parallel, strategy: str, moe: bool = False, seed: int = 42, fold_once_per_step: bool = False):
-    from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
+    from megatron_sv.models.gpt.model import build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        ffn_hidden_size=48,
-        num_experts=4 if moe else None,
-        moe_router_topk=2,
-    )
-    layout = ParallelLayout(
-        tensor_model_parallel_size=parallel.get("tp", 1),
-        pipeline_model_parallel_size=parallel.get("pp", 1),
-        sequence_parallel=parallel.get("sp", False),
-        expert_model_parallel_size=parallel.get("ep", 1),
-    )
+    shape = tiny_gpt_shape(moe)
+    layout = layout_of(parallel)
     config = transformer_config(shape, layout)
     sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
     return config, build_gpt_model(shape, sv, config, init_seed=seed)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_side_by_side
-from tests.helpers.parity import SEQ, VOCAB, train_steps
+from tests.helpers.parity import layout_of, tiny_gpt_shape, train_steps
 from tests.helpers.vectors import randomize_vectors as _randomize_vectors
 
 # A real bug changes a gradient by a factor (double / missing reduction: >= 0.5 relative) or uses a stale
@@ -32,27 +32,11 @@ LOSS_ABS_BF16 = 2e-3  # bf16 layouts vs the TP1 bf16 run at lr 1e-3 (measured <=
 
 
 def _build(parallel, strategy: str, bf16: bool, moe: bool = False, fold_once_per_step: bool = False):
-    from megatron_sv.models.gpt.model import GPTShape, ParallelLayout, build_gpt_model, transformer_config
+    from megatron_sv.models.gpt.model import build_gpt_model, transformer_config
     from megatron_sv.scale_vectors.config import strategy_config
 
-    shape = GPTShape(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        ffn_hidden_size=48,
-        num_experts=4 if moe else None,
-        moe_router_topk=2,
-    )
-    layout = ParallelLayout(
-        tensor_model_parallel_size=parallel.get("tp", 1),
-        pipeline_model_parallel_size=parallel.get("pp", 1),
-        sequence_parallel=parallel.get("sp", False),
-        expert_model_parallel_size=parallel.get("ep", 1),
-        bf16=bf16,
-    )
+    shape = tiny_gpt_shape(moe)
+    layout = layout_of(parallel, bf16=bf16)
     config = transformer_config(shape, layout)
     sv = strategy_config(strategy, fold_once_per_step=fold_once_per_step)
     return config, build_gpt_model(shape, sv, config, init_seed=42)
